@@ -1,0 +1,209 @@
+"""The Faust app: one agent that reads doc-edit/v1 events and keeps every document current.
+
+The story of one event, as the agent tells it:
+  1. parse and validate it (anything malformed -> dead-letter topic, with the reason);
+  2. look the document up in the RocksDB-backed table;
+  3. let the revision rules decide (state.ordering): apply, hold, drop duplicate, reject;
+  4. publish one doc-class/v1 update per applied revision and wait until Kafka has it;
+  5. only then write the new state to the table (so a crash can replay, never lose, an update).
+Offsets commit after the producer is flushed (Faust does this): delivery is at-least-once,
+and replays are recognised as duplicates by (doc_id, rev).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.base_model import load_tokenizer
+from engine.text_ops import sha1_hex
+from pipeline.metrics import WorkerMetrics
+from pipeline.records import dead_letter_record, to_bytes, update_record
+from pipeline.settings import Settings
+from state.document import StateCodecError, decode_state, encode_state
+from state.edit_event import EventRejected, parse_edit_event
+from state.ordering import advance
+
+log = logging.getLogger("incstream.worker")
+
+
+def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust.App:
+    metrics = metrics or WorkerMetrics()
+    app = faust.App(
+        settings.app_id,
+        broker=settings.faust_broker,
+        store="rocksdb://",
+        datadir=str(settings.data_dir),
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        autodiscover=False,
+    )
+    edits = app.topic(
+        settings.edits_topic,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
+    classes = app.topic(settings.classes_topic, key_serializer="raw", value_serializer="raw")
+    dead_letters = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
+    # doc_id (bytes) -> encoded DocumentState. Raw bytes: the codec in state.document owns them.
+    # (key_type/value_type bytes is how Faust tables select the "raw" serializer.)
+    documents = app.Table(
+        settings.table_name,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,
+    )
+    tokenizer = load_tokenizer()
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def publish(topic: faust.TopicT, key: bytes | None, record: dict[str, Any]) -> None:
+        """Send and wait for Kafka's acknowledgement (acks=all)."""
+        delivery = await topic.send(key=key, value=to_bytes(record))
+        await delivery
+
+    async def publish_dead_letter(
+        key: bytes | None, reason: str, message: str, event: Any
+    ) -> None:
+        log.warning("dead letter (%s): %s", reason, message)
+        await publish(dead_letters, key, dead_letter_record(reason, message, event))
+        metrics.dead_letters.labels(reason).inc()
+
+    @app.agent(edits)
+    async def apply_edits(stream: faust.StreamT) -> None:
+        async for message in stream.events():
+            started = time.perf_counter()
+            key: bytes | None = message.key
+            try:
+                # 1. Parse. The Kafka key must be the doc_id: it is what keeps a document's
+                #    events in one partition, in order, next to its table entry.
+                try:
+                    edit = parse_edit_event(message.value)
+                    if key is None or key.decode("utf-8", "replace") != edit.doc_id:
+                        raise EventRejected("key_mismatch", f"Kafka key {key!r} is not doc_id "
+                                            f"{edit.doc_id!r}")
+                except EventRejected as exc:
+                    await publish_dead_letter(key, exc.reason, str(exc), message.value)
+                    metrics.events.labels("dlq").inc()
+                    continue
+
+                # 2. Look the document up.
+                stored: bytes | None = documents.get(key)
+                try:
+                    state = decode_state(stored) if stored is not None else None
+                except StateCodecError as exc:
+                    await publish_dead_letter(key, "state_unreadable", str(exc), edit.to_json())
+                    metrics.events.labels("dlq").inc()
+                    continue
+
+                # 3. Decide.
+                decision = advance(state, edit, settings.max_held_per_doc)
+                encoded = encode_state(decision.state) if decision.state_changed else None
+                if encoded is not None and len(encoded) > settings.max_state_bytes:
+                    await publish_dead_letter(
+                        key,
+                        "state_too_large",
+                        f"the document state would be {len(encoded)} bytes, over the "
+                        f"{settings.max_state_bytes}-byte changelog limit; not applied",
+                        edit.to_json(),
+                    )
+                    metrics.events.labels("dlq").inc()
+                    continue
+
+                # 4. Publish what happened, and wait for Kafka to have it.
+                for revision in decision.applied:
+                    latency = time.perf_counter() - started
+                    record = update_record(
+                        edit.doc_id,
+                        revision,
+                        length_tokens=count_tokens(revision.text),
+                        sha1=sha1_hex(revision.text),
+                        latency_s=latency,
+                    )
+                    await publish(classes, key, record)
+                    metrics.outputs.inc()
+                    metrics.revisions_applied.inc()
+                    if message.message.timestamp:
+                        metrics.end_to_end_seconds.observe(
+                            max(0.0, time.time() - message.message.timestamp)
+                        )
+                for rejection in decision.rejected:
+                    await publish_dead_letter(
+                        key, rejection.reason, rejection.message, rejection.event
+                    )
+
+                # 5. Remember.
+                if encoded is not None:
+                    documents[key] = encoded
+                    metrics.state_record_bytes.observe(len(encoded))
+                    held_before = len(state.held) if state else 0
+                    metrics.held_events.inc(len(decision.state.held) - held_before)
+                metrics.events.labels(decision.outcome).inc()
+            except Exception:  # never let one event kill the agent (Faust restarts it forever)
+                log.exception("unexpected error on %r; sent to the dead-letter topic", key)
+                try:
+                    await publish_dead_letter(
+                        key, "internal_error", "unexpected worker error", message.value
+                    )
+                except Exception:
+                    log.exception("could not publish the dead letter either")
+                metrics.events.labels("dlq").inc()
+            finally:
+                metrics.processing_seconds.observe(time.perf_counter() - started)
+
+    @app.timer(interval=5.0)
+    async def sample_lag_and_state() -> None:
+        """Consumer lag per partition, and the size of the state this worker holds."""
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != settings.edits_topic:
+                continue
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:
+                continue
+            if highwater is None:
+                continue
+            read = consumer._read_offset.get(tp)  # last offset handed to the agent
+            next_to_read = read + 1 if read is not None else 0
+            metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - next_to_read))
+        total_bytes = count = 0
+        for value in documents.values():
+            if value is not None:
+                total_bytes += len(value)
+                count += 1
+        metrics.state_bytes.set(total_bytes)
+        metrics.documents.set(count)
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        # aiohttp wants the charset outside content_type; the exposition format is UTF-8 text.
+        content_type = CONTENT_TYPE_LATEST.split("; charset")[0]
+        return web.bytes(generate_latest(metrics.registry), content_type=content_type)
+
+    app.incstream_metrics = metrics  # type: ignore[attr-defined]
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker until SIGTERM/SIGINT (Faust's Worker handles the signals)."""
+    from pipeline.topics import ensure_topics
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topics(settings)
+    app = build_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level)
+    worker.execute_from_commandline()

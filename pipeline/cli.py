@@ -1,0 +1,124 @@
+"""The `incstream` command line: demo, worker, produce, broker (and bench)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.settings import Settings
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """Settings from the environment (INCSTREAM_*), with the CLI's non-empty options on top."""
+    return Settings(**{name: value for name, value in overrides.items() if value is not None})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """incstream: keep a document classifier's answer current while documents are edited.
+
+    Every option also reads an INCSTREAM_<NAME> environment variable (e.g. INCSTREAM_BROKER).
+    """
+
+
+@cli.command()
+@click.option("--broker", help="Kafka bootstrap, e.g. kafka://127.0.0.1:9092 [INCSTREAM_BROKER]")
+@click.option("--partitions", type=int, help="partitions of the edits topic (default 4)")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="local RocksDB directory")
+@click.option("--web-port", type=int, help="HTTP port for /metrics (default 6066)")
+@click.option("--app-id", help="Faust app id = consumer group (default incstream)")
+@click.option("--edits-topic", help="input topic (default doc-edits)")
+@click.option("--classes-topic", help="output topic (default doc-classes)")
+@click.option("--dlq-topic", help="dead-letter topic (default doc-edits-dlq)")
+@click.option("--max-held-per-doc", type=int, help="events held per document across a gap")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def worker(**options: Any) -> None:
+    """Run a stream worker: doc-edits in, doc-classes out, state in RocksDB.
+
+    Stops cleanly on SIGTERM or Ctrl-C.
+    """
+    from pipeline.app import run_worker
+
+    run_worker(settings_from(**options))
+
+
+@cli.command()
+@click.argument("stream", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--broker", help="Kafka bootstrap [INCSTREAM_BROKER]")
+@click.option("--topic", help="topic to write to (default: the edits topic, doc-edits)")
+@click.option("--rate", type=float, default=0.0, show_default=True,
+              help="events per second; 0 = as fast as the broker takes them")
+@click.option("--docs", type=int, default=None, help="only the first N documents of the stream")
+@click.option("--limit", type=int, default=None, help="stop after N events")
+@click.option("--create-topics/--no-create-topics", default=True, show_default=True,
+              help="create the worker's topics first if they are missing")
+def produce(
+    stream: Path, broker: str | None, topic: str | None, rate: float, docs: int | None,
+    limit: int | None, create_topics: bool,
+) -> None:
+    """Replay a doc-edit/v1 stream (.jsonl or .jsonl.gz) into Kafka, keyed by doc_id."""
+    import time
+
+    from pipeline.producer import read_events, replay
+    from pipeline.stream_files import select_events
+    from pipeline.topics import ensure_topics
+
+    settings = settings_from(broker=broker)
+    if create_topics:
+        ensure_topics(settings)
+    events = select_events(read_events(stream), docs=docs, limit=limit)
+    started = time.monotonic()
+    sent = replay(events, settings.bootstrap, topic or settings.edits_topic, rate=rate,
+                  total=len(events))
+    elapsed = time.monotonic() - started
+    click.echo(f"sent {sent} events in {elapsed:.1f} s ({sent / max(elapsed, 1e-9):.0f} ev/s)",
+               err=True)
+
+
+@cli.command()
+@click.option("--port", type=int, default=9092, show_default=True, help="0 = any free port")
+@click.option("--host", default="127.0.0.1", show_default=True)
+def broker(port: int, host: str) -> None:
+    """Run the embedded Kafka-compatible broker (tansu, in memory) until Ctrl-C/SIGTERM."""
+    from pipeline.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmbeddedBroker(host=host, port=port) as running:
+        click.echo(f"broker ready: {running.url} (kafka-python bootstrap {running.bootstrap})")
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+        click.echo("stopping broker", err=True)
+
+
+@cli.command()
+@click.option("--stream", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="doc-edit/v1 stream to replay (default: the bundled one)")
+@click.option("--docs", type=int, default=None, help="only the first N documents")
+@click.option("--limit", type=int, default=None, help="only the first N events")
+@click.option("--rate", type=float, default=0.0, help="events per second (0 = unlimited)")
+@click.option("--quiet", is_flag=True, help="print the summary only, not every update")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="give up waiting for updates after this many seconds")
+def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, quiet: bool,
+         timeout: float) -> None:
+    """Start a local broker and a worker, replay an edit stream, show the updates, stop."""
+    from pipeline.demo import run_demo
+
+    ok = run_demo(stream=stream, docs=docs, limit=limit, rate=rate, quiet=quiet,
+                  timeout_s=timeout)
+    sys.exit(0 if ok else 1)
+
+
+def main() -> None:
+    cli(prog_name="incstream")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""`incstream bench ...`: benchmark commands. The engine logic lives in engine.bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (ratios measured side by side in one run)."""
+
+
+@bench.command("engine")
+@click.option("--stream", "stream", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="doc-edit/v1 stream, JSONL or gzipped JSONL.")
+@click.option("--docs", type=int, default=5, show_default=True,
+              help="Replay the first N documents of the stream.")
+@click.option("--events", type=int, default=40, show_default=True,
+              help="At most N edit events per document (keeps a CPU run to a few minutes: "
+                   "every edit also re-runs the dense model on the whole document).")
+@click.option("--model", "model", default="all-MiniLM-L6-v2", show_default=True,
+              help="Base model: the bundled name or a local directory.")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:N or auto (CUDA when available).")
+@click.option("--chunk-tokens", type=click.IntRange(4, 512), default=256, show_default=True,
+              help="Max rows per chunk including [CLS] and [SEP].")
+@click.option("--codebooks", default=None,
+              help="Codebook bundle name or directory (default: calibrated-minilm).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Write the result JSON here.")
+@click.option("--quiet", is_flag=True, help="No progress bar or table.")
+def engine_cmd(stream: Path, docs: int, events: int, model: str, device: str,
+               chunk_tokens: int, codebooks: str | None, json_out: Path, quiet: bool) -> None:
+    """Replay an edit stream: incremental VQ inference vs dense re-runs (MACs, seconds,
+    exactness, tokenization)."""
+    from engine.bench import render_table, run_bench
+
+    result = run_bench(stream, docs=docs, events=events, model_name=model, device=device,
+                       chunk_tokens=chunk_tokens, bundle=codebooks, progress=not quiet)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if not quiet:
+        render_table(result)
+        click.echo(f"wrote {json_out}")

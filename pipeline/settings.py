@@ -1,0 +1,47 @@
+"""All worker configuration in one place; every field can be set as INCSTREAM_<NAME>.
+
+CLI options override the environment, which overrides these defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INCSTREAM_", extra="ignore")
+
+    # Where Kafka is. Faust form; a bare HOST:PORT is accepted too.
+    broker: str = "kafka://127.0.0.1:9092"
+    app_id: str = "incstream"
+    edits_topic: str = "doc-edits"
+    classes_topic: str = "doc-classes"
+    dlq_topic: str = "doc-edits-dlq"
+    table_name: str = "documents"
+    # Partitions of the input topic; the table's changelog gets as many (Faust insists).
+    partitions: int = 4
+    replication_factor: int = 1  # raise it on a real cluster
+    # Local RocksDB lives here; two workers on one machine need two directories.
+    data_dir: Path = Path(".incstream/worker")
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066  # /metrics is served here too
+    # Events held per document while waiting for a missing revision.
+    max_held_per_doc: int = 256
+    # A document's encoded state must fit in one changelog record (Kafka's default is 1 MB).
+    max_state_bytes: int = 900_000
+    # Faust commits consumer offsets this often (seconds); at-least-once either way.
+    commit_interval_s: float = 1.0
+    log_level: str = "info"
+
+    @property
+    def bootstrap(self) -> str:
+        """HOST:PORT[,HOST:PORT] for kafka-python clients."""
+        return ",".join(
+            part.split("://", 1)[-1] for part in self.broker.replace(";", ",").split(",")
+        )
+
+    @property
+    def faust_broker(self) -> str:
+        return self.broker if "://" in self.broker else f"kafka://{self.broker}"

@@ -1,0 +1,101 @@
+"""doc-edit/v1: one edit (or snapshot) of one document, parsed from its JSON bytes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = "doc-edit/v1"
+
+
+class EventRejected(ValueError):
+    """An event that can never be applied. `reason` is a short stable label for metrics/DLQ."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class EditEvent:
+    doc_id: str
+    rev: int
+    ops: list[dict[str, Any]] | None = None  # an edit ...
+    snapshot: str | None = None  # ... or the full text (create / resync)
+    base_rev: int | None = None
+    len_after: int | None = None
+    sha1_after: str | None = None
+    ts: float | None = None
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.snapshot is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as doc-edit/v1 JSON (used to keep held events in the durable state)."""
+        out: dict[str, Any] = {"schema": SCHEMA, "doc_id": self.doc_id, "rev": self.rev}
+        for name in ("ops", "snapshot", "base_rev", "len_after", "sha1_after", "ts"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+def _optional_int(payload: dict[str, Any], name: str) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise EventRejected("invalid_event", f"{name} must be a non-negative integer")
+    return value
+
+
+def event_from_json(payload: Any) -> EditEvent:
+    """Validate a decoded JSON value as doc-edit/v1."""
+    if not isinstance(payload, dict):
+        raise EventRejected("invalid_event", "event must be a JSON object")
+    schema = payload.get("schema")
+    if schema != SCHEMA:
+        raise EventRejected("unknown_schema", f"unknown schema {schema!r}; expected {SCHEMA!r}")
+    doc_id = payload.get("doc_id")
+    if not isinstance(doc_id, str) or not doc_id:
+        raise EventRejected("invalid_event", "doc_id must be a non-empty string")
+    rev = _optional_int(payload, "rev")
+    if rev is None:
+        raise EventRejected("invalid_event", "rev is required")
+    snapshot = payload.get("snapshot")
+    ops = payload.get("ops")
+    if (snapshot is None) == (ops is None):
+        raise EventRejected("invalid_event", "an event carries exactly one of 'ops' or 'snapshot'")
+    if snapshot is not None and not isinstance(snapshot, str):
+        raise EventRejected("invalid_event", "snapshot must be a string")
+    if ops is not None and not isinstance(ops, list):
+        raise EventRejected("invalid_event", "ops must be a list")
+    sha1_after = payload.get("sha1_after")
+    if sha1_after is not None and not (isinstance(sha1_after, str) and len(sha1_after) == 40):
+        raise EventRejected("invalid_event", "sha1_after must be 40 hex digits")
+    ts = payload.get("ts")
+    if ts is not None and (not isinstance(ts, int | float) or isinstance(ts, bool)):
+        raise EventRejected("invalid_event", "ts must be a number")
+    return EditEvent(
+        doc_id=doc_id,
+        rev=rev,
+        ops=ops,
+        snapshot=snapshot,
+        base_rev=_optional_int(payload, "base_rev"),
+        len_after=_optional_int(payload, "len_after"),
+        sha1_after=sha1_after.lower() if sha1_after else None,
+        ts=ts,
+    )
+
+
+def parse_edit_event(raw: bytes | str | None) -> EditEvent:
+    """Bytes off the wire -> EditEvent, or EventRejected saying why not."""
+    if raw is None:
+        raise EventRejected("invalid_json", "empty message (tombstone)")
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EventRejected("invalid_json", f"not valid JSON: {exc}") from None
+    return event_from_json(payload)
