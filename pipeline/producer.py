@@ -14,6 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from kafka import KafkaProducer
+from kafka.serializer import Serializer
+
+
+class DocIdKey(Serializer):
+    """Kafka key = doc_id, UTF-8."""
+
+    def serialize(self, topic: str, headers: Any, data: str | bytes) -> bytes:
+        return data.encode("utf-8") if isinstance(data, str) else data
+
+
+class JsonEvent(Serializer):
+    """An event dict as compact UTF-8 JSON; bytes pass through untouched (for raw payloads)."""
+
+    def serialize(self, topic: str, headers: Any, data: dict[str, Any] | bytes) -> bytes:
+        if isinstance(data, bytes):
+            return data
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def edit_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
@@ -24,10 +41,8 @@ def edit_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         "retries": 10,
         "max_in_flight_requests_per_connection": 1,  # no reordering on retry
         "linger_ms": 5,
-        "key_serializer": lambda key: key.encode("utf-8") if isinstance(key, str) else key,
-        "value_serializer": lambda value: value
-        if isinstance(value, bytes)
-        else json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        "key_serializer": DocIdKey(),
+        "value_serializer": JsonEvent(),
         "client_id": "incstream-producer",
     }
     config.update(overrides)

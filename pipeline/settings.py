@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     max_state_bytes: int = 900_000
     # Faust commits consumer offsets this often (seconds); at-least-once either way.
     commit_interval_s: float = 1.0
+    # How long the group waits for a silent (crashed) member before handing its partitions
+    # on. Kafka's own default is 45 s; a crashed worker's documents would wait that long.
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 2.0
     log_level: str = "info"
 
     @property

@@ -1,0 +1,60 @@
+"""Window re-tokenization equals tokenizing the whole new text (random and real edits)."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.edit_tokenizer import apply_text_change, tokenize
+from engine.text_ops import apply_ops
+
+from conftest import read_events, stream_docs
+
+ALPHABET = st.sampled_from(list("ab cd\n\t.,:-_()'\"éÉüñ中文\x00\x07\r xyz0123 ") + ["``", "::"])
+TEXT = st.lists(ALPHABET, max_size=60).map("".join)
+
+
+def _check(tokenizer, text: str, ops: list) -> None:
+    old = tokenize(tokenizer, text)
+    before = list(old.ids)
+    new_text, change = apply_ops(text, ops)
+    got, edit = apply_text_change(tokenizer, old, new_text, change)
+    want = tokenize(tokenizer, new_text)
+    assert got.ids == want.ids
+    assert got.starts == want.starts and got.ends == want.ends
+    # The token edit is consistent with the splice it describes.
+    assert before[: edit.start] + list(edit.inserted) + before[edit.start + edit.deleted :] == got.ids
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT, data=st.data())
+def test_random_edits(tokenizer, text, data):
+    start = data.draw(st.integers(0, len(text)))
+    deleted = data.draw(st.integers(0, len(text) - start))
+    inserted = data.draw(TEXT)
+    ops = [{"retain": start}, {"delete": deleted}, {"insert": inserted}]
+    _check(tokenizer, text, ops)
+
+
+def test_real_edits_from_both_streams(tokenizer):
+    checked = 0
+    for name, docs, cap in (("peps-hunks.jsonl.gz", 3, 120), ("peps-typing.jsonl.gz", 2, 400)):
+        for _, snapshot, events in stream_docs(name, docs):
+            text = snapshot
+            for event in events[:cap]:
+                if "snapshot" in event:
+                    text = event["snapshot"]
+                    continue
+                _check(tokenizer, text, event["ops"])
+                text = apply_ops(text, event["ops"])[0]
+                checked += 1
+    assert checked > 500
+
+
+def test_edit_at_edges_and_empty(tokenizer):
+    _check(tokenizer, "", [{"insert": "hello world"}])
+    _check(tokenizer, "hello world", [{"delete": 11}])
+    _check(tokenizer, "hello world", [{"insert": "x"}])
+    _check(tokenizer, "hello world", [{"retain": 11}, {"insert": "ly"}])
+    _check(tokenizer, "hello world", [{"retain": 5}, {"delete": 1}])  # words merge
+    assert read_events("peps-hunks.jsonl.gz", 1)[0]["rev"] == 0

@@ -1,0 +1,136 @@
+"""Incremental state == dense VQ forward after every edit (same codes, logits within 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.chunks import ChunkPolicy
+from engine.session import DocumentSession
+
+from conftest import stream_docs
+
+TOL = 1e-4
+
+
+def assert_exact(session: DocumentSession, indices=None) -> None:
+    check = session.reference_check(indices)
+    assert check["code_mismatches"] == 0, check
+    assert check["max_abs_logit_diff"] <= TOL, check
+
+
+def edit(session: DocumentSession, start: int, deleted: int, inserted: str):
+    ops = [{"retain": start}, {"delete": deleted}, {"insert": inserted}]
+    report = session.apply_ops(ops)
+    assert_exact(session, report.touched)
+    return report
+
+
+TEXT = ("Abstract\n========\n\nThis PEP proposes a backwards compatible mechanism that allows "
+        "__enter__() methods to skip the body of the associated with statement. The lack of "
+        "this ability currently means the contextlib.contextmanager decorator is unable to "
+        "fulfil its specification of being able to turn arbitrary code into a context manager "
+        "by moving it into a generator function with a yield in the appropriate location.\n")
+
+
+def test_edits_at_start_middle_end(model, tokenizer):
+    s = DocumentSession(model, tokenizer, TEXT, ChunkPolicy(max_tokens=48))
+    assert len(s.chunks) > 1
+    edit(s, 0, 0, "Preface: ")  # insert at start
+    edit(s, 0, 9, "")  # delete at start
+    mid = len(s.text) // 2
+    edit(s, mid, 0, " quite")
+    edit(s, mid, 6, "")
+    edit(s, mid - 10, 3, "XYZ")  # replace
+    edit(s, len(s.text), 0, " Trailing words.")  # insert at end
+    edit(s, len(s.text) - 16, 16, "")  # delete at end
+    assert_exact(s)
+
+
+def test_stable_positions_do_not_renumber(model, tokenizer):
+    s = DocumentSession(model, tokenizer, "one two three four five six", ChunkPolicy(64))
+    before = s.chunks[0].position_ids.tolist()
+    report = edit(s, 3, 0, " and a half")
+    after = s.chunks[0].position_ids.tolist()
+    ins = len(report.token_edit.inserted)
+    assert after[: 2] == before[: 2] and after[2 + ins :] == before[2:]
+    # Layer 0 recomputed only the inserted rows.
+    assert report.chunk_updates[0].rows_changed[0] == ins
+
+
+def test_empty_document_and_back(model, tokenizer):
+    s = DocumentSession(model, tokenizer, "", ChunkPolicy(max_tokens=32))
+    assert s.chunk_lengths == [0]
+    assert_exact(s)
+    edit(s, 0, 0, "hello world, this is a test of an empty start")
+    edit(s, 0, len(s.text), "")
+    assert s.chunk_lengths == [0]
+    assert_exact(s)
+    edit(s, 0, 0, "   ")  # whitespace only: no tokens, nothing to do
+    assert s.logits().shape == (384,)
+
+
+def test_edit_crossing_chunk_boundaries_split_and_merge(model, tokenizer):
+    s = DocumentSession(model, tokenizer, TEXT * 3, ChunkPolicy(max_tokens=40))
+    n_chunks = len(s.chunks)
+    # Delete a span covering several chunk boundaries (merges what is left too small).
+    boundary = s.tokens.starts[sum(s.chunk_lengths[:2])]
+    report = edit(s, boundary - 30, 120, "")
+    assert len(report.touched) >= 1 and len(s.chunks) < n_chunks
+    # A big insertion splits the chunk it lands in.
+    report = edit(s, 50, 0, TEXT)
+    assert len(report.touched) >= 2
+    assert max(s.chunk_lengths) <= s.policy.max_content
+    assert min(s.chunk_lengths) >= s.policy.min_content
+    assert_exact(s)
+
+
+def test_positions_rebase_after_many_duplicates(model, tokenizer):
+    s = DocumentSession(model, tokenizer, TEXT, ChunkPolicy(max_tokens=128, rebase_duplicates=6))
+    rebuilt = False
+    for i in range(6):
+        report = edit(s, 20, 0, f" w{i}")
+        rebuilt |= any(u.rebuilt for u in report.chunk_updates)
+    assert rebuilt
+    assert_exact(s)
+
+
+@pytest.mark.slow
+def test_hundreds_of_real_typing_edits_are_exact(model, tokenizer):
+    """250 consecutive real events (word-by-word typing of a PEP), small chunks."""
+    (_, snapshot, events), = stream_docs("peps-typing.jsonl.gz", 1)
+    s = DocumentSession(model, tokenizer, snapshot, ChunkPolicy(max_tokens=64))
+    searched = rows = 0
+    for event in events[:250]:
+        report = s.apply_ops(event["ops"])
+        if report.touched:
+            assert_exact(s, report.touched)
+        for u in report.chunk_updates:
+            searched += u.searched
+            rows += sum(u.rows_changed)
+    assert_exact(s)
+    assert rows > 0 and searched > 0
+
+
+@pytest.mark.slow
+def test_real_hunk_edits_are_exact(model, tokenizer):
+    """Every event of the first peps-hunks document (diff hunks, some large), default chunks."""
+    (_, snapshot, events), = stream_docs("peps-hunks.jsonl.gz", 1)
+    s = DocumentSession(model, tokenizer, snapshot)
+    for event in events:
+        report = s.apply_ops(event["ops"])
+        if report.touched:
+            assert_exact(s, report.touched)
+    assert_exact(s)
+
+
+def test_long_document(model, tokenizer):
+    """~5k tokens: an edit touches one chunk, and the document answer stays exact."""
+    s = DocumentSession(model, tokenizer, TEXT * 60, ChunkPolicy(max_tokens=256))
+    assert len(s.tokens.ids) > 4000
+    report = edit(s, len(s.text) // 2, 0, " inserted words ")
+    assert len(report.touched) == 1
+    before = s.logits().clone()
+    ref = s.reference_check()
+    assert ref["code_mismatches"] == 0 and ref["max_abs_logit_diff"] <= TOL
+    assert torch.isfinite(before).all()

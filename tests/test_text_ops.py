@@ -1,0 +1,100 @@
+"""Applying doc-edit/v1 character ops to text."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
+
+
+def test_replace_in_the_middle():
+    text, change = apply_ops("hello world", [{"retain": 6}, {"delete": 5}, {"insert": "there"}])
+    assert text == "hello there"
+    assert change == TextChange(start=6, deleted=5, inserted=5)
+
+
+def test_insert_at_start_and_implicit_retain_of_the_rest():
+    text, change = apply_ops("world", [{"insert": "hello "}])
+    assert text == "hello world"
+    assert change == TextChange(start=0, deleted=0, inserted=6)
+
+
+def test_delete_at_end():
+    text, change = apply_ops("abcdef", [{"retain": 4}, {"delete": 2}])
+    assert text == "abcd"
+    assert change == TextChange(start=4, deleted=2, inserted=0)
+
+
+def test_several_ops_collapse_into_their_enclosing_span():
+    text, change = apply_ops("hello world", [{"retain": 2}, {"delete": 1}, {"retain": 3},
+                                              {"insert": "X"}])
+    assert text == "helo Xworld"
+    old, new = "hello world", text
+    assert old[: change.start] + new[change.start : change.start + change.inserted] + \
+        old[change.start + change.deleted :] == new
+
+
+def test_code_points_not_bytes():
+    text, _ = apply_ops("naïve 😀 text", [{"retain": 6}, {"delete": 1}, {"insert": "🙂"}])
+    assert text == "naïve 🙂 text"
+
+
+def test_empty_ops_is_a_noop():
+    text, change = apply_ops("abc", [])
+    assert text == "abc" and change.is_noop
+
+
+@pytest.mark.parametrize(
+    "ops, reason",
+    [
+        ([{"retain": 4}], "ops_past_end"),
+        ([{"retain": 2}, {"delete": 2}], "ops_past_end"),
+        ([{"delete": -1}], "invalid_ops"),
+        ([{"retain": 1.5}], "invalid_ops"),
+        ([{"bogus": 1}], "invalid_ops"),
+        ([{"retain": 1, "delete": 1}], "invalid_ops"),
+        ([{"insert": 5}], "invalid_ops"),
+        ("retain", "invalid_ops"),
+    ],
+)
+def test_bad_ops_are_refused_with_a_reason(ops, reason):
+    with pytest.raises(InvalidOps) as info:
+        apply_ops("abc", ops)
+    assert info.value.reason == reason
+
+
+def test_sha1_is_of_utf8():
+    assert sha1_hex("") == "da39a3ee5e6b4b0d3255bfef95601890afd80709"
+    import hashlib
+
+    assert sha1_hex("é") == hashlib.sha1("é".encode()).hexdigest()
+
+
+@st.composite
+def text_and_ops(draw):
+    text = draw(st.text(max_size=40))
+    ops, cursor, expected = [], 0, []
+    while cursor < len(text) and draw(st.booleans()):
+        kind = draw(st.sampled_from(["retain", "delete", "insert"]))
+        if kind == "insert":
+            piece = draw(st.text(min_size=1, max_size=5))
+            ops.append({"insert": piece})
+            expected.append(piece)
+            continue
+        n = draw(st.integers(min_value=1, max_value=len(text) - cursor))
+        ops.append({kind: n})
+        if kind == "retain":
+            expected.append(text[cursor : cursor + n])
+        cursor += n
+    expected.append(text[cursor:])
+    return text, ops, "".join(expected)
+
+
+@given(text_and_ops())
+def test_matches_a_straightforward_reference_and_the_span_is_right(case):
+    old, ops, expected = case
+    new, change = apply_ops(old, ops)
+    assert new == expected
+    # The span: everything outside it is untouched.
+    assert new[: change.start] == old[: change.start]
+    assert new[change.start + change.inserted :] == old[change.start + change.deleted :]
