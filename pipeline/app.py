@@ -127,13 +127,13 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
 
                 # 4. Publish what happened, and wait for Kafka to have it.
                 for revision in decision.applied:
-                    latency = time.perf_counter() - started
+                    length_tokens = count_tokens(revision.text)
                     record = update_record(
                         edit.doc_id,
                         revision,
-                        length_tokens=count_tokens(revision.text),
+                        length_tokens=length_tokens,
                         sha1=sha1_hex(revision.text),
-                        latency_s=latency,
+                        latency_s=time.perf_counter() - started,
                     )
                     await publish(classes, key, record)
                     metrics.outputs.inc()

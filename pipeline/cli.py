@@ -116,6 +116,17 @@ def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, 
     sys.exit(0 if ok else 1)
 
 
+def _register_benchmarks() -> None:
+    from pipeline.cli_bench import bench
+    from pipeline.pipeline_bench import pipeline_bench_command
+
+    bench.add_command(pipeline_bench_command)
+    cli.add_command(bench)
+
+
+_register_benchmarks()
+
+
 def main() -> None:
     cli(prog_name="incstream")
 
