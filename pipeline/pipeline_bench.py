@@ -91,7 +91,7 @@ def run_pipeline_bench(
 
 @click.command("pipeline")
 @click.option("--stream", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="doc-edit/v1 stream, e.g. ../shared/data/edits/peps-hunks.jsonl.gz")
+              required=True, help="doc-edit/v1 stream (.jsonl or .jsonl.gz)")
 @click.option("--docs", type=int, default=None, help="only the first N documents")
 @click.option("--limit", type=int, default=None, help="only the first N events")
 @click.option("--partitions", type=int, default=4, show_default=True)
