@@ -1,7 +1,15 @@
 """engine: pure PyTorch + transformers, no Kafka, no Faust.
 
-What lives here: applying character-level edit ops to text (`text_ops`), loading the bundled
-base model and its tokenizer offline (`base_model`), and (see the modules beside these) the
-vector-quantized transformer, incremental inference, edit tokenization and MAC counting.
+What lives here, one concept per module:
+- text_ops: doc-edit/v1 character ops applied to text; base_model: the bundled encoder, offline;
+- minilm: MiniLM/BERT written out with explicit tensors (the dense ORIGINAL model, float32);
+- codebooks, calibrate: per-layer, per-head codebooks on attention contexts and their k-means
+  calibration (shipped in bundles/calibrated-minilm, never made at run time);
+- vq_model: the VQ model and its dense forward, THE REFERENCE (float64); head: pooling + head;
+- incremental_attention: the exact incremental update of one block;
+- positions, chunks: stable position ids, B-tree-like chunking of long documents;
+- edit_tokenizer: character edits -> minimal token edits by windowed re-tokenization;
+- session: a document's incremental inference state; macs: the one MAC counter;
+- bench: `incstream bench engine`; device: CUDA when available, CPU otherwise.
 Nothing in engine imports state or pipeline.
 """

@@ -27,21 +27,46 @@ def bench() -> None:
               help="cpu, cuda, cuda:N or auto (CUDA when available).")
 @click.option("--chunk-tokens", type=click.IntRange(4, 512), default=256, show_default=True,
               help="Max rows per chunk including [CLS] and [SEP].")
+@click.option("--rebase-duplicates", type=int, default=32, show_default=True,
+              help="Re-base a chunk's position ids to canonical past this many duplicate ids.")
 @click.option("--codebooks", default=None,
               help="Codebook bundle name or directory (default: calibrated-minilm).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               required=True, help="Write the result JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bar or table.")
 def engine_cmd(stream: Path, docs: int, events: int, model: str, device: str,
-               chunk_tokens: int, codebooks: str | None, json_out: Path, quiet: bool) -> None:
+               chunk_tokens: int, rebase_duplicates: int, codebooks: str | None,
+               json_out: Path, quiet: bool) -> None:
     """Replay an edit stream: incremental VQ inference vs dense re-runs (MACs, seconds,
     exactness, tokenization)."""
     from engine.bench import render_table, run_bench
 
     result = run_bench(stream, docs=docs, events=events, model_name=model, device=device,
-                       chunk_tokens=chunk_tokens, bundle=codebooks, progress=not quiet)
+                       chunk_tokens=chunk_tokens, bundle=codebooks, progress=not quiet,
+                       rebase_duplicates=rebase_duplicates)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     if not quiet:
         render_table(result)
         click.echo(f"wrote {json_out}")
+
+
+@bench.command("engine-length")
+@click.option("--lengths", default="2000,50000", show_default=True,
+              help="Comma-separated document lengths in tokens.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--chunk-tokens", type=click.IntRange(4, 512), default=256, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              required=True)
+def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, json_out: Path) -> None:
+    """The same edit on a short and a long document: the incremental cost does not grow."""
+    from engine.bench import edit_cost_vs_length
+
+    result = edit_cost_vs_length(tuple(int(x) for x in lengths.split(",")),
+                                 chunk_tokens=chunk_tokens, device=device)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    for row in result["rows"]:
+        click.echo(f"{row['tokens']:>7} tokens {row['chunks']:>4} chunks: incremental "
+                   f"{row['incremental_macs'] / 1e6:.1f} MMAC, dense "
+                   f"{row['dense_original_macs'] / 1e9:.1f} GMAC, ratio {row['macs_ratio']:.0f}")

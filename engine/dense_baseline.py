@@ -1,0 +1,89 @@
+"""The dense fine-tuned model: the frozen float32 encoder + a linear head on pooled embeddings.
+
+Document vectors are computed once with the ORIGINAL model (engine.minilm.forward_dense, chunk
+by chunk, exactly what the engine's dense baseline runs) and cached as safetensors under
+.incstream/cache/dense/, keyed by the texts, the chunking and the base weights. The head is an
+L2-regularised logistic regression fitted full-batch with L-BFGS; the L2 strength is picked on
+the validation split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engine.head import document_pooled
+from engine.minilm import MiniLMWeights, forward_dense
+from engine.train_data import DocChunks
+
+CACHE_DIR = Path(".incstream/cache/dense")
+L2_GRID = (1e-4, 1e-3, 1e-2)
+
+
+def doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks],
+                progress: bool = False) -> torch.Tensor:
+    """(N, C) float32 document vectors of the original (non-VQ) model."""
+    out = []
+    with torch.no_grad():
+        for doc in tqdm(docs, desc="dense embeddings", disable=not progress, leave=False):
+            pooled = [forward_dense(weights, c.to(weights.device),
+                                    torch.arange(len(c), device=weights.device)).mean(0)
+                      for c in doc.chunks]
+            out.append(document_pooled(pooled, doc.counts).float().cpu())
+    return torch.stack(out)
+
+
+def cached_doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks], tag: str,
+                       cache_dir: Path = CACHE_DIR, progress: bool = False) -> torch.Tensor:
+    """doc_vectors, cached on disk by (tag, token ids of every chunk)."""
+    digest = hashlib.sha256(tag.encode())
+    for doc in docs:
+        for c in doc.chunks:
+            digest.update(c.numpy().tobytes())
+        digest.update(b"|")
+    path = Path(cache_dir) / f"{digest.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        return load_file(str(path))["vectors"]
+    vecs = doc_vectors(weights, docs, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"vectors": vecs.contiguous()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"tag": tag, "n": len(docs)}) + "\n")
+    return vecs
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float,
+                 iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-batch L-BFGS logistic regression: weight (labels, C), bias (labels,)."""
+    x = x.to(torch.float64)
+    weight = torch.zeros(n_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_labels, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + l2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weight.detach().float(), bias.detach().float()
+
+
+def fit_dense_head(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                   n_labels: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Best-on-validation logistic head over L2_GRID; also returns what was chosen."""
+    best = None
+    for l2 in L2_GRID:
+        w, b = fit_logistic(x, y, n_labels, l2)
+        acc = float(((val_x @ w.T + b).argmax(-1) == val_y).float().mean())
+        if best is None or acc > best[0]:
+            best = (acc, l2, w, b)
+    acc, l2, w, b = best
+    return w, b, {"l2": l2, "val_acc": acc}

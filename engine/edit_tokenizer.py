@@ -1,0 +1,111 @@
+"""Character edits -> token edits, re-tokenizing only a window around the change.
+
+The BERT tokenizer (uncased WordPiece after a pre-tokenizer that splits on whitespace and
+punctuation) maps each whitespace-separated word independently, so tokens never cross a
+whitespace character and the tokens of a word depend only on that word. Hence: widen the
+changed character span to whitespace boundaries lying outside the change (plus one old token on
+each side, for safety), re-tokenize that window of the new text and splice it in. Only ' ',
+'\\t', '\\n' and '\\r' count as boundaries: every normalizer treats them as whitespace, while
+e.g. control characters are deleted by BERT's normalizer and would glue their neighbours.
+
+The result must equal tokenizing the whole new text; tests check that with random and real
+edits. After splicing, the common prefix and suffix of old and new window tokens are trimmed, so
+the token edit handed to the model is minimal.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine.text_ops import TextChange
+
+BOUNDARY = frozenset(" \t\n\r")
+
+
+@dataclass(frozen=True)
+class TokenEdit:
+    """tokens[start:start+deleted] were replaced by `inserted` (ids)."""
+
+    start: int
+    deleted: int
+    inserted: tuple[int, ...]
+
+    @property
+    def is_noop(self) -> bool:
+        return self.deleted == 0 and not self.inserted
+
+
+@dataclass
+class TokenizedText:
+    """A text's WordPiece ids (no special tokens) and their character spans."""
+
+    text: str
+    ids: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+
+
+def tokenize(tokenizer, text: str, offset: int = 0) -> TokenizedText:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    starts = [s + offset for s, _ in enc["offset_mapping"]]
+    ends = [e + offset for _, e in enc["offset_mapping"]]
+    return TokenizedText(text, list(enc["input_ids"]), starts, ends)
+
+
+def _left_boundary(text: str, pos: int) -> int:
+    """Largest b <= pos with b == 0 or text[b-1] a boundary character."""
+    while pos > 0 and text[pos - 1] not in BOUNDARY:
+        pos -= 1
+    return pos
+
+
+def _right_boundary(text: str, pos: int) -> int:
+    """Smallest b >= pos with b == len(text) or text[b] a boundary character."""
+    while pos < len(text) and text[pos] not in BOUNDARY:
+        pos += 1
+    return pos
+
+
+def apply_text_change(tokenizer, old: TokenizedText, new_text: str,
+                      change: TextChange) -> tuple[TokenizedText, TokenEdit]:
+    """Tokens of `new_text` from those of `old` plus the change; and the minimal token edit.
+
+    `old` is updated in place (and returned) so long documents do not copy their token lists.
+    """
+    if change.is_noop:
+        old.text = new_text
+        return old, TokenEdit(len(old.ids), 0, ())
+    text = old.text
+    a, b = change.start, change.start + change.deleted  # changed span in old text
+    # One old token of slack on each side, then out to whitespace boundaries.
+    i = bisect.bisect_left(old.ends, a + 1)  # first token ending after a
+    a2 = old.starts[i - 1] if i > 0 else 0
+    j = bisect.bisect_left(old.starts, b)  # first token starting at/after b
+    b2 = old.ends[j] if j < len(old.ids) else len(text)
+    wa = _left_boundary(text, min(a, a2))
+    wb = _right_boundary(text, max(b, b2))
+    # Old tokens inside [wa, wb): none crosses a boundary, so the window cuts cleanly.
+    ti = bisect.bisect_left(old.starts, wa)
+    tj = bisect.bisect_left(old.starts, wb)
+    delta = change.inserted - change.deleted
+    piece = tokenize(tokenizer, new_text[wa : wb + delta], offset=wa)
+    old_ids = old.ids[ti:tj]
+    # Trim the common prefix/suffix so the edit is minimal.
+    p = 0
+    while p < min(len(old_ids), len(piece.ids)) and old_ids[p] == piece.ids[p]:
+        p += 1
+    s = 0
+    while (s < min(len(old_ids), len(piece.ids)) - p
+           and old_ids[-1 - s] == piece.ids[-1 - s]):
+        s += 1
+    old.ids[ti:tj] = piece.ids
+    old.starts[ti:tj] = piece.starts
+    old.ends[ti:tj] = piece.ends
+    if delta:
+        k = ti + len(piece.ids)
+        old.starts[k:] = [x + delta for x in old.starts[k:]]
+        old.ends[k:] = [x + delta for x in old.ends[k:]]
+    old.text = new_text
+    edit = TokenEdit(ti + p, len(old_ids) - p - s, tuple(piece.ids[p : len(piece.ids) - s]))
+    return old, edit
