@@ -109,3 +109,22 @@ def apply_text_change(tokenizer, old: TokenizedText, new_text: str,
     old.text = new_text
     edit = TokenEdit(ti + p, len(old_ids) - p - s, tuple(piece.ids[p : len(piece.ids) - s]))
     return old, edit
+
+
+def token_count_delta(tokenizer, old_text: str, new_text: str, change: TextChange) -> int:
+    """How many tokens `change` adds (negative: removes), without tokenizing the whole text.
+
+    For callers that only need the count (the text-only worker): tokenizes the changed span
+    widened to boundary characters, once in the old text and once in the new one. Exact for
+    the same reason as `apply_text_change`: no token crosses a boundary character.
+    """
+    if change.is_noop:
+        return 0
+    wa = _left_boundary(old_text, change.start)
+    wb = _right_boundary(old_text, change.start + change.deleted)
+    delta = change.inserted - change.deleted
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    return count(new_text[wa : wb + delta]) - count(old_text[wa:wb])

@@ -20,13 +20,14 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.base_model import load_tokenizer
+from engine.edit_tokenizer import token_count_delta
 from engine.text_ops import sha1_hex
 from pipeline.metrics import WorkerMetrics
 from pipeline.records import dead_letter_record, to_bytes, update_record
 from pipeline.settings import Settings
-from state.document import StateCodecError, decode_state, encode_state
+from state.document import DocumentState, StateCodecError, decode_state, encode_state
 from state.edit_event import EventRejected, parse_edit_event
-from state.ordering import advance
+from state.ordering import AppliedRevision, advance
 
 log = logging.getLogger("incstream.worker")
 
@@ -69,8 +70,20 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
     )
     tokenizer = load_tokenizer()
 
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def token_counts(state: DocumentState | None, applied: list[AppliedRevision]) -> list[int]:
+        """Token count after each applied revision: from a window around each edit when the
+        count before it is known, from the whole text otherwise (snapshots, old states)."""
+        count = state.tokens if state is not None else 0
+        text = state.text if state is not None else ""
+        counts = []
+        for revision in applied:
+            if revision.is_snapshot or count is None:
+                count = len(tokenizer(revision.text, add_special_tokens=False)["input_ids"])
+            else:
+                count += token_count_delta(tokenizer, text, revision.text, revision.change)
+            counts.append(count)
+            text = revision.text
+        return counts
 
     async def publish(topic: faust.TopicT, key: bytes | None, record: dict[str, Any]) -> None:
         """Send and wait for Kafka's acknowledgement (acks=all)."""
@@ -113,6 +126,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
 
                 # 3. Decide.
                 decision = advance(state, edit, settings.max_held_per_doc)
+                lengths_in_tokens = token_counts(state, decision.applied)
+                if lengths_in_tokens:
+                    decision.state = decision.state.evolve(tokens=lengths_in_tokens[-1])
                 encoded = encode_state(decision.state) if decision.state_changed else None
                 if encoded is not None and len(encoded) > settings.max_state_bytes:
                     await publish_dead_letter(
@@ -126,8 +142,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
                     continue
 
                 # 4. Publish what happened, and wait for Kafka to have it.
-                for revision in decision.applied:
-                    length_tokens = count_tokens(revision.text)
+                for revision, length_tokens in zip(
+                    decision.applied, lengths_in_tokens, strict=True
+                ):
                     record = update_record(
                         edit.doc_id,
                         revision,

@@ -37,6 +37,9 @@ class DocumentState:
     # Set when a gap could not be held (bound exceeded): only a snapshot can resync now.
     needs_snapshot: bool = False
     model_id: str | None = None
+    # WordPiece tokens in `text` (no special tokens), kept so an edit can update the count
+    # from a window around it instead of re-tokenizing the document. None: not known yet.
+    tokens: int | None = None
 
     @property
     def exists(self) -> bool:
@@ -58,6 +61,7 @@ def encode_state(state: DocumentState) -> bytes:
         "held": {str(rev): event for rev, event in sorted(state.held.items())},
         "needs_snapshot": state.needs_snapshot,
         "model_id": state.model_id,
+        "tokens": state.tokens,
     }
     raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return MAGIC + bytes([CODEC_VERSION]) + zlib.compress(raw, level=6)
@@ -82,4 +86,5 @@ def decode_state(data: bytes) -> DocumentState:
         held={int(rev): event for rev, event in body.get("held", {}).items()},
         needs_snapshot=bool(body.get("needs_snapshot", False)),
         model_id=body.get("model_id"),
+        tokens=body.get("tokens"),
     )

@@ -9,7 +9,7 @@ def test_round_trip_keeps_everything():
     state = DocumentState(
         doc_id="peps/pep-0001", rev=41, text="naïve 😀\n" * 100,
         held={43: {"schema": "doc-edit/v1", "doc_id": "peps/pep-0001", "rev": 43, "ops": []}},
-        needs_snapshot=True, model_id="m1",
+        needs_snapshot=True, model_id="m1", tokens=1234,
     )
     assert decode_state(encode_state(state)) == state
 

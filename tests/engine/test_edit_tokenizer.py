@@ -6,7 +6,7 @@ from engine_streams import read_events, stream_docs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.edit_tokenizer import apply_text_change, tokenize
+from engine.edit_tokenizer import apply_text_change, token_count_delta, tokenize
 from engine.text_ops import apply_ops
 
 # Besides ASCII: accents (stripped by the normalizer), CJK (split per character), control
@@ -63,3 +63,20 @@ def test_edit_at_edges_and_empty(tokenizer):
     _check(tokenizer, "hello world", [{"retain": 11}, {"insert": "ly"}])
     _check(tokenizer, "hello world", [{"retain": 5}, {"delete": 1}])  # words merge
     assert read_events("peps-hunks.jsonl.gz", 1)[0]["rev"] == 0
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_token_count_delta_matches_whole_text_counts(tokenizer, data):
+    tok = tokenizer
+    old = data.draw(st.text(alphabet="ab cé,.\n\t-😀x", max_size=60))
+    start = data.draw(st.integers(0, len(old)))
+    deleted = data.draw(st.integers(0, len(old) - start))
+    inserted = data.draw(st.text(alphabet="ab cé,.\n\t-😀x", max_size=12))
+    new, change = apply_ops(old, [{"retain": start}, {"delete": deleted}, {"insert": inserted}])
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    assert count(old) + token_count_delta(tok, old, new, change) == count(new)

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from engine.text_ops import sha1_hex
+from engine.base_model import load_tokenizer
+from engine.text_ops import apply_ops, sha1_hex
 from pipeline.demo import metric_value
 from pipeline.producer import edit_producer, read_events, replay
 from pipeline.stream_files import select_events
@@ -54,10 +55,23 @@ def test_every_revision_of_a_real_stream_is_answered_once_with_the_right_hash(
     updates = [r for r in reader.of(s.classes_topic) if (r["doc_id"], r["rev"]) in expected]
     counts = Counter((r["doc_id"], r["rev"]) for r in updates)
     assert max(counts.values()) == 1, "a revision was answered twice without any crash"
+    # The token count the worker keeps incrementally equals tokenizing the whole text.
+    tokenizer = load_tokenizer()
+    texts: dict[str, str] = {}
+    token_counts = {}
+    for event in events:
+        doc = event["doc_id"]
+        if "snapshot" in event:
+            texts[doc] = event["snapshot"]
+        else:
+            texts[doc], _ = apply_ops(texts[doc], event["ops"])
+        token_counts[(doc, event["rev"])] = len(
+            tokenizer(texts[doc], add_special_tokens=False)["input_ids"])
     for record in updates:
         want = expected[(record["doc_id"], record["rev"])]
         if want:
             assert record["sha1"] == want, record
+        assert record["length_tokens"] == token_counts[(record["doc_id"], record["rev"])]
         assert record["schema"] == "doc-class/v1"
         assert record["length_tokens"] > 0 or record["length_chars"] == 0
     # Outputs of a document arrive in revision order (one partition per document).
