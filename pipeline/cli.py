@@ -116,15 +116,19 @@ def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, 
     sys.exit(0 if ok else 1)
 
 
-def _register_benchmarks() -> None:
+def _register_subcommands() -> None:
     from pipeline.cli_bench import bench
+    from pipeline.cli_model import classify_command, eval_command, train_command
     from pipeline.pipeline_bench import pipeline_bench_command
 
     bench.add_command(pipeline_bench_command)
     cli.add_command(bench)
+    cli.add_command(train_command, "train")
+    cli.add_command(eval_command, "eval")
+    cli.add_command(classify_command, "classify")
 
 
-_register_benchmarks()
+_register_subcommands()
 
 
 def main() -> None:

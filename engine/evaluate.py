@@ -1,0 +1,157 @@
+"""`incstream eval` and `incstream classify`: accuracy of dense vs VQ vs incremental answers.
+
+Per document (chunked as DocumentSession does, see engine.train_data):
+- dense: the ORIGINAL float32 encoder (model.original) + the bundle's dense head;
+- vq: VQModel.forward (float64, THE REFERENCE) per chunk + the bundle's VQ head;
+- incremental: the document is built up by a replayed edit history in a DocumentSession
+  (start from its first piece, then insert the remaining pieces one op at a time at the end,
+  then replace one word in the middle); the final session answer is compared with the VQ answer
+  on the same text. Stable positions and edit-driven chunk boundaries may differ from a fresh
+  build, so logits can differ slightly; `incremental_agreement` is the fraction of documents
+  whose label equals the VQ label, and `max_abs_logit_diff_vs_reference` the session's own
+  exactness check (engine.session.DocumentSession.reference_check) at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from engine.chunks import ChunkPolicy
+from engine.head import ClassificationHead, document_pooled
+from engine.labelled_datasets import LabelledDataset
+from engine.minilm import forward_dense
+from engine.session import DocumentSession
+from engine.train_data import DocChunks, chunk_documents
+from engine.vq_model import VQModel
+
+
+def macro_f1(pred: Sequence[int], gold: Sequence[int], n_labels: int) -> float:
+    """Unweighted mean over classes of F1 (a class with no gold and no predicted docs: skipped)."""
+    f1s = []
+    for c in range(n_labels):
+        tp = sum(p == c and g == c for p, g in zip(pred, gold, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold, strict=True))
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / len(f1s) if f1s else 0.0
+
+
+def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
+    return sum(p == g for p, g in zip(pred, gold, strict=True)) / max(1, len(gold))
+
+
+def dense_logits(model: VQModel, head: ClassificationHead, doc: DocChunks) -> torch.Tensor:
+    w = model.original
+    with torch.no_grad():
+        pooled = [forward_dense(w, c.to(w.device), torch.arange(len(c), device=w.device)).mean(0)
+                  for c in doc.chunks]
+        return head.logits(document_pooled(pooled, doc.counts).to(torch.float64)).cpu()
+
+
+def vq_logits(model: VQModel, doc: DocChunks) -> torch.Tensor:
+    with torch.no_grad():
+        pooled = [model.forward(c, torch.arange(len(c))).pooled for c in doc.chunks]
+        return model.head.logits(document_pooled(pooled, doc.counts)).cpu()
+
+
+def edit_history(text: str, pieces: int = 4) -> tuple[str, list[list[dict]]]:
+    """A first piece of `text` and doc-edit/v1 op lists that build `text` from it: appends at
+    the end, then one word replaced in the middle (and put back, so the final text is `text`)."""
+    cuts = sorted({text.rfind(" ", 0, len(text) * i // pieces) + 1 for i in range(1, pieces)})
+    cuts = [c for c in cuts if 0 < c < len(text)] + [len(text)]
+    history, cur = [], cuts[0]
+    for end in cuts[1:]:
+        history.append([{"retain": cur}, {"insert": text[cur:end]}])
+        cur = end
+    mid = text.find(" ", len(text) // 2)
+    if mid > 0:
+        word_end = text.find(" ", mid + 1)
+        word_end = len(text) if word_end < 0 else word_end
+        word = text[mid + 1 : word_end]
+        history.append([{"retain": mid + 1}, {"delete": len(word)}, {"insert": "edited"}])
+        history.append([{"retain": mid + 1}, {"delete": len("edited")}, {"insert": word}])
+    return text[: cuts[0]], history
+
+
+def incremental_logits(model: VQModel, tokenizer, policy: ChunkPolicy,
+                       text: str) -> tuple[torch.Tensor, float]:
+    """Final logits of a session built by edit_history(text), and its reference check."""
+    first, history = edit_history(text)
+    with torch.no_grad():
+        session = DocumentSession(model, tokenizer, first, policy)
+        for ops in history:
+            session.apply_ops(ops)
+        if session.text != text:
+            raise AssertionError("replayed history did not rebuild the document")
+        check = session.reference_check()
+        return session.logits().cpu(), check["max_abs_logit_diff"]
+
+
+def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
+                     dataset: LabelledDataset, *, chunk_tokens: int = 256,
+                     max_doc_tokens: int | None = None, keep: str = "head",
+                     limit: int | None = None,
+                     incremental_docs: int | None = None, progress: bool = False) -> dict:
+    """Dense / VQ / incremental metrics of one (test) split."""
+    started = time.time()
+    policy = ChunkPolicy(max_tokens=chunk_tokens)
+    texts, gold = list(dataset.texts), list(dataset.labels)
+    if limit is not None:
+        texts, gold = texts[:limit], gold[:limit]
+    docs = chunk_documents(tokenizer, texts, policy, max_doc_tokens, keep)
+    n_labels = len(dataset.label_names)
+    n_inc = len(docs) if incremental_docs is None else min(incremental_docs, len(docs))
+    # an evenly spaced subset (splits are ordered by class, so a prefix would be one class)
+    inc_idx = {round(j * len(docs) / n_inc) for j in range(n_inc)} if n_inc else set()
+    pred_dense, pred_vq, pred_inc = [], [], []
+    max_diff = 0.0
+    for i, doc in enumerate(tqdm(docs, desc=f"eval {dataset.name}", disable=not progress)):
+        pred_dense.append(int(dense_logits(model, dense_head, doc).argmax()))
+        pred_vq.append(int(vq_logits(model, doc).argmax()))
+        if i in inc_idx:
+            logits, diff = incremental_logits(model, tokenizer, policy, doc.text)
+            pred_inc.append(int(logits.argmax()))
+            max_diff = max(max_diff, diff)
+    inc_sorted = sorted(inc_idx)
+    gold_inc = [gold[i] for i in inc_sorted]
+    vq_inc = [pred_vq[i] for i in inc_sorted]
+    out = {
+        "name": dataset.name,
+        "n_test": len(docs),
+        "acc_dense": accuracy(pred_dense, gold),
+        "acc_vq": accuracy(pred_vq, gold),
+        "acc_incremental": accuracy(pred_inc, gold_inc) if n_inc else None,
+        "f1_dense": macro_f1(pred_dense, gold, n_labels),
+        "f1_vq": macro_f1(pred_vq, gold, n_labels),
+        "f1_incremental": macro_f1(pred_inc, gold_inc, n_labels) if n_inc else None,
+        "n_incremental": n_inc,
+        "acc_vq_on_incremental_docs": accuracy(vq_inc, gold_inc) if n_inc else None,
+        "incremental_agreement": accuracy(pred_inc, vq_inc) if n_inc else None,
+        "max_abs_logit_diff_vs_reference": max_diff,
+        "vq_dense_agreement": accuracy(pred_vq, pred_dense),
+        "max_doc_tokens": max_doc_tokens,
+        "keep": keep,
+        "labels": list(dataset.label_names),
+        "seconds": round(time.time() - started, 1),
+    }
+    return out
+
+
+def classify_text(model: VQModel, tokenizer, text: str, chunk_tokens: int = 256,
+                  max_doc_tokens: int | None = None) -> dict:
+    """One-shot VQ classification: label, softmax scores per label, and the raw logits."""
+    doc = chunk_documents(tokenizer, [text], ChunkPolicy(max_tokens=chunk_tokens),
+                          max_doc_tokens)[0]
+    logits = vq_logits(model, doc)
+    probs = torch.softmax(logits, -1)
+    labels = model.head.labels or tuple(str(i) for i in range(len(logits)))
+    return {"label": labels[int(logits.argmax())],
+            "scores": {name: round(float(p), 6) for name, p in zip(labels, probs, strict=True)},
+            "logits": [round(float(v), 6) for v in logits],
+            "tokens": sum(doc.counts), "chunks": len(doc.chunks)}

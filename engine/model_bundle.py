@@ -1,0 +1,105 @@
+"""Trained model bundles: only what differs from the base encoder, as safetensors + a manifest.
+
+A bundle is a directory engine/bundles/<name>/ (or any directory) holding:
+- manifest.json: format, base model name and the sha256 of its weights file, label names,
+  VQ settings (K, placement), chunking, how it was trained, and the metrics measured;
+- codebooks.safetensors: {"codebooks": (layers, heads, K, d) float32}, the same file format as
+  engine.codebooks bundles, so `--codebooks DIR` tools read a model bundle too;
+- head.safetensors: {"weight": (labels, C), "bias": (labels,)} the VQ model's head, and
+  {"dense_weight", "dense_bias"} the head of the dense baseline it was distilled from.
+The base encoder weights are never copied (they come from the base model package); nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.base_model import base_model_path
+from engine.codebooks import Codebooks, bundle_dir, sha256_file
+from engine.device import resolve_device
+from engine.head import ClassificationHead
+from engine.minilm import load_minilm
+from engine.vq_model import VQModel
+
+FORMAT = "incstream-model/v1"
+DEFAULT_MODEL = "polarity-minilm-vq64"
+
+
+@lru_cache(maxsize=4)
+def base_weights_sha256(base_model: str) -> str:
+    return sha256_file(base_model_path(base_model) / "model.safetensors")
+
+
+def save_model_bundle(path: Path, codebooks: torch.Tensor, head_weight: torch.Tensor,
+                      head_bias: torch.Tensor, dense_weight: torch.Tensor,
+                      dense_bias: torch.Tensor, manifest: dict) -> Path:
+    """Write a bundle; `manifest` gets the format, the base sha256 and the files' sha256."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(torch.float32).contiguous().cpu()
+
+    save_file({"codebooks": f32(codebooks)}, str(path / "codebooks.safetensors"))
+    save_file({"weight": f32(head_weight), "bias": f32(head_bias),
+               "dense_weight": f32(dense_weight), "dense_bias": f32(dense_bias)},
+              str(path / "head.safetensors"))
+    full = {"format": FORMAT, **manifest,
+            "base_weights_sha256": base_weights_sha256(manifest["base_model"]),
+            "files": {f: sha256_file(path / f)
+                      for f in ("codebooks.safetensors", "head.safetensors")}}
+    (path / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
+    return path
+
+
+def read_manifest(name_or_dir: str | Path = DEFAULT_MODEL) -> tuple[Path, dict]:
+    path = bundle_dir(str(name_or_dir))
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"no model bundle at {path} (manifest.json missing)")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an {FORMAT} bundle (format={manifest.get('format')!r})")
+    return path, manifest
+
+
+def load_heads(name_or_dir: str | Path = DEFAULT_MODEL) -> tuple[ClassificationHead,
+                                                                 ClassificationHead]:
+    """(VQ head, dense head) of a bundle, float64 on CPU, with the label names."""
+    path, manifest = read_manifest(name_or_dir)
+    t = load_file(str(path / "head.safetensors"))
+    labels = tuple(manifest["labels"])
+
+    def head(w: str, b: str) -> ClassificationHead:
+        return ClassificationHead(t[w].to(torch.float64), t[b].to(torch.float64), labels)
+
+    return head("weight", "bias"), head("dense_weight", "dense_bias")
+
+
+def load_model_bundle(name_or_dir: str | Path = DEFAULT_MODEL,
+                      device: str | torch.device | None = None,
+                      with_original: bool = True,
+                      check_base: bool = True) -> tuple[VQModel, dict]:
+    """A trained VQ model (engine.vq_model.VQModel with the bundle's codebooks and head) and its
+    manifest. `model.original` is the float32 base encoder (the dense baseline's encoder) when
+    `with_original`; the dense baseline's head is `load_heads(...)[1]`.
+    """
+    path, manifest = read_manifest(name_or_dir)
+    base = manifest["base_model"]
+    if check_base and base_weights_sha256(base) != manifest["base_weights_sha256"]:
+        raise ValueError(f"{path}: base model {base!r} weights differ from the ones it was "
+                         "trained on (sha256 mismatch)")
+    dev = resolve_device(device)
+    codes = load_file(str(path / "codebooks.safetensors"))["codebooks"]
+    head, _ = load_heads(path)
+    head = ClassificationHead(head.weight.to(dev), head.bias.to(dev), head.labels)
+    w64 = load_minilm(base_model_path(base), torch.float64, dev)
+    original = load_minilm(base_model_path(base), torch.float32, dev) if with_original else None
+    model = VQModel(w64, Codebooks.from_tensor(codes), head, original, name=base,
+                    bundle=manifest)
+    return model, manifest

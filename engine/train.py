@@ -1,0 +1,319 @@
+"""`incstream train`: turn the frozen MiniLM encoder into a VQ document classifier.
+
+Steps (all seeded, all deterministic on a given device):
+1. the dense fine-tuned model: frozen float32 encoder + logistic head on document vectors
+   (token-weighted mean of chunk mean-pools, chunks as DocumentSession makes them), fitted on
+   the train split, L2 picked on validation (engine.dense_baseline; vectors cached);
+2. codebook init: layer-by-layer k-means on the training texts' attention contexts with earlier
+   layers quantized (engine.calibrate.calibrate), or an existing codebook bundle;
+3. QAT (engine.vq_training.TrainableVQ): codebooks and head trained with
+   loss = w_ce * CE(VQ logits, label) + w_kd * KL(dense logits || VQ logits) at temperature T
+        + w_hidden * MSE(VQ last hidden, dense last hidden) + w_codebook * |sg(ctx) - code|^2;
+   AdamW, batches of documents (all of a document's chunks in one batch);
+4. a model bundle (engine.model_bundle) with validation metrics in its manifest.
+Checkpoints (safetensors + JSON, optimizer state included) every `checkpoint_every` steps;
+re-running the same command resumes from the last one and ends with identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engine.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
+from engine.calibrate import calibrate
+from engine.chunks import ChunkPolicy
+from engine.codebooks import BUNDLES_DIR, load_bundle
+from engine.dense_baseline import CACHE_DIR, cached_doc_vectors, fit_dense_head
+from engine.device import resolve_device
+from engine.labelled_datasets import LabelledDataset, load_dataset
+from engine.minilm import load_minilm
+from engine.model_bundle import save_model_bundle
+from engine.train_data import DocChunks, chunk_documents, pad_chunks
+from engine.vq_training import TrainableVQ, distillation_kl, document_pool
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "pang-lee-polarity"
+    out: str | None = None  # bundle directory; default engine/bundles/<dataset>-minilm-vq<K>
+    base_model: str = DEFAULT_BASE_MODEL
+    k: int = 64
+    chunk_tokens: int = 256
+    max_doc_tokens: int | None = 512  # tokens kept per document (CPU budget); None = all
+    keep: str = "head"  # which end of a long document is kept: "head" or "tail"
+    train_docs: int | None = None  # subsample of the train split (None = all)
+    init: str = "task"  # "task": k-means on training texts; else a codebook bundle name/dir
+    calib_tokens: int = 20_000
+    calib_iters: int = 15
+    steps: int = 150
+    batch_docs: int = 4
+    lr_codebooks: float = 3e-4
+    lr_head: float = 1e-3
+    w_ce: float = 1.0
+    w_kd: float = 1.0
+    w_hidden: float = 1.0
+    w_codebook: float = 0.25
+    temperature: float = 2.0
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 50
+    checkpoint_dir: str | None = None  # default .incstream/checkpoints/<bundle name>
+    cache_dir: str = str(CACHE_DIR)  # dense document vectors
+
+    def bundle_path(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        slug = Path(self.dataset).stem.replace("pang-lee-", "")
+        return BUNDLES_DIR / f"{slug}-minilm-vq{self.k}"
+
+    def checkpoint_path(self) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        return Path(".incstream/checkpoints") / self.bundle_path().name
+
+    def identity(self) -> dict:
+        """The settings a checkpoint must share to be resumed (not steps or paths)."""
+        d = asdict(self)
+        for key in ("steps", "out", "checkpoint_every", "checkpoint_dir", "device", "cache_dir"):
+            d.pop(key)
+        return d
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    losses: list[float] = field(default_factory=list)  # per step, this run and resumed ones
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_tensors(docs: list[DocChunks], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """All chunks of `docs` as one padded batch: ids, mask (B, n), counts, doc_index (B,)."""
+    chunks = [c for d in docs for c in d.chunks]
+    ids, mask = pad_chunks(chunks)
+    counts = torch.tensor([len(c) for c in chunks])
+    doc_index = torch.tensor([i for i, d in enumerate(docs) for _ in d.chunks])
+    return ids.to(device), mask.to(device), counts.to(device), doc_index.to(device)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def step_batch(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """Document indices of a step: a fixed function of (step, seed), so resuming is exact."""
+    per_epoch = max(1, n // batch)
+    epoch, pos = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    return order[pos * batch : (pos + 1) * batch]
+
+
+def qat_loss(model: TrainableVQ, docs: list[DocChunks], labels: torch.Tensor,
+             dense_w: torch.Tensor, dense_b: torch.Tensor,
+             cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    dev = dense_w.device
+    ids, mask, counts, doc_index = batch_tensors(docs, dev)
+    with torch.no_grad():
+        teacher = model.encode(ids, mask, quantize=False)
+        t_doc = document_pool(teacher.pooled, counts, doc_index, len(docs))
+        t_logits = t_doc @ dense_w.T + dense_b  # (D, labels)
+    student = model.encode(ids, mask, quantize=True)
+    s_doc = document_pool(student.pooled, counts, doc_index, len(docs))
+    s_logits = model.head(s_doc)
+    m = mask.unsqueeze(-1).to(student.hidden.dtype)
+    hidden = (((student.hidden - teacher.hidden) ** 2) * m).sum() / (m.sum() * model.cfg.hidden)
+    parts = {
+        "ce": F.cross_entropy(s_logits, labels.to(dev)),
+        "kd": distillation_kl(s_logits, t_logits, cfg.temperature),
+        "hidden": hidden,
+        "codebook": student.codebook_loss,
+    }
+    loss = (cfg.w_ce * parts["ce"] + cfg.w_kd * parts["kd"] + cfg.w_hidden * parts["hidden"]
+            + cfg.w_codebook * parts["codebook"])
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model: TrainableVQ, opt: torch.optim.Optimizer, step: int,
+                    cfg: TrainConfig, losses: list[float], extra: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"codebooks": model.codebooks.detach(), "head.weight": model.head.weight.detach(),
+               "head.bias": model.head.bias.detach()}
+    state = opt.state_dict()
+    for pid, st in state["state"].items():
+        for name, t in st.items():
+            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(t)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
+              str(path / "checkpoint.safetensors"))
+    meta = {"step": step, "config": cfg.identity(), "losses": losses,
+            "param_groups": state["param_groups"], **extra}
+    (path / "checkpoint.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_checkpoint(path: Path, model: TrainableVQ, opt: torch.optim.Optimizer,
+                    cfg: TrainConfig) -> tuple[int, list[float], dict] | None:
+    """Restore model and optimizer; (step, losses, meta), or None if there is no checkpoint."""
+    if not (path / "checkpoint.json").exists():
+        return None
+    meta = json.loads((path / "checkpoint.json").read_text())
+    if meta["config"] != cfg.identity():
+        raise ValueError(f"checkpoint {path} was made with other settings; delete it or pass "
+                         "another --checkpoint-dir")
+    t = load_file(str(path / "checkpoint.safetensors"))
+    dev = model.codebooks.device
+    with torch.no_grad():
+        model.codebooks.copy_(t["codebooks"])
+        model.head.weight.copy_(t["head.weight"])
+        model.head.bias.copy_(t["head.bias"])
+    state: dict = {"state": {}, "param_groups": meta["param_groups"]}
+    for key, v in t.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state["state"].setdefault(int(pid), {})[name] = v if name == "step" else v.to(dev)
+    opt.load_state_dict(state)
+    return meta["step"], meta["losses"], meta
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(-1).cpu() == y).float().mean())
+
+
+def vq_doc_logits(model: TrainableVQ, docs: list[DocChunks], batch: int = 4) -> torch.Tensor:
+    """Float32 VQ logits of documents with the training twin (fast validation)."""
+    dev = model.codebooks.device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(docs), batch):
+            part = docs[i : i + batch]
+            ids, mask, counts, doc_index = batch_tensors(part, dev)
+            enc = model.encode(ids, mask, quantize=True)
+            out.append(model.head(document_pool(enc.pooled, counts, doc_index, len(part))))
+    return torch.cat(out).cpu()
+
+
+def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
+          progress: bool = True) -> TrainResult:
+    started = time.time()
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    data = dataset if dataset is not None else load_dataset(cfg.dataset)
+    train_split, val_split = data.split("train"), data.split("validation")
+    tok = load_tokenizer(cfg.base_model)
+    policy = ChunkPolicy(max_tokens=cfg.chunk_tokens)
+    train_idx = list(range(len(train_split)))
+    if cfg.train_docs is not None and cfg.train_docs < len(train_idx):
+        train_idx = sorted(epoch_order(len(train_idx), cfg.seed, -1)[: cfg.train_docs])
+    train_texts = [train_split.texts[i] for i in train_idx]
+    y_train = torch.tensor([train_split.labels[i] for i in train_idx])
+    y_val = torch.tensor(val_split.labels)
+    train_docs = chunk_documents(tok, train_texts, policy, cfg.max_doc_tokens, cfg.keep)
+    val_docs = chunk_documents(tok, val_split.texts, policy, cfg.max_doc_tokens, cfg.keep)
+    n_labels = len(data.label_names)
+
+    # 1. dense fine-tuned baseline (frozen encoder + logistic head)
+    base = load_minilm(base_model_path(cfg.base_model), torch.float32, dev)
+    tag = f"{cfg.base_model}|{cfg.chunk_tokens}|{cfg.max_doc_tokens}"
+    tag += "" if cfg.keep == "head" else f"|{cfg.keep}"
+    cache = Path(cfg.cache_dir)
+    x_train = cached_doc_vectors(base, train_docs, tag, cache, progress=progress)
+    x_val = cached_doc_vectors(base, val_docs, tag, cache, progress=progress)
+    dense_w, dense_b, dense_info = fit_dense_head(x_train, y_train, x_val, y_val, n_labels)
+    dense_val_acc = dense_info["val_acc"]
+
+    # 2. codebooks: a checkpoint, or k-means init
+    ckpt = cfg.checkpoint_path()
+    have_ckpt = (ckpt / "checkpoint.json").exists()
+    if have_ckpt:
+        codebooks = torch.zeros(1)  # replaced by the checkpoint below
+    elif cfg.init == "task":
+        codebooks = calibrate(train_texts, k=cfg.k, chunk_tokens=cfg.chunk_tokens,
+                              max_tokens=cfg.calib_tokens, iters=cfg.calib_iters,
+                              name=cfg.base_model, seed=cfg.seed)
+    else:
+        codebooks = load_bundle(cfg.init)[0].codes
+    if have_ckpt:
+        c = base.config
+        codebooks = torch.zeros(c.layers, c.heads, cfg.k, c.head_dim)
+    model = TrainableVQ(base, codebooks, n_labels).to(dev)
+    with torch.no_grad():
+        model.head.weight.copy_(dense_w)
+        model.head.bias.copy_(dense_b)
+    dense_w, dense_b = dense_w.to(dev), dense_b.to(dev)
+    opt = torch.optim.AdamW([
+        {"params": [model.codebooks], "lr": cfg.lr_codebooks, "weight_decay": 0.0},
+        {"params": list(model.head.parameters()), "lr": cfg.lr_head, "weight_decay": 0.0},
+    ])
+    start, losses = 0, []
+    vq_init_val_acc = None
+    restored = load_checkpoint(ckpt, model, opt, cfg) if have_ckpt else None
+    if restored is not None:
+        start, losses, meta = restored
+        vq_init_val_acc = meta.get("vq_init_val_acc")
+    else:
+        vq_init_val_acc = accuracy(vq_doc_logits(model, val_docs), y_val)
+
+    # 3. QAT
+    bar = tqdm(range(start, cfg.steps), desc=f"train {data.name}", disable=not progress,
+               initial=start, total=cfg.steps)
+    for step in bar:
+        idx = step_batch(step, len(train_docs), cfg.batch_docs, cfg.seed)
+        loss, parts = qat_loss(model, [train_docs[i] for i in idx], y_train[idx], dense_w,
+                               dense_b, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", ce=f"{parts['ce']:.3f}",
+                        hid=f"{parts['hidden']:.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(ckpt, model, opt, done, cfg, losses,
+                            {"vq_init_val_acc": vq_init_val_acc})
+
+    # 4. bundle
+    vq_val_acc = accuracy(vq_doc_logits(model, val_docs), y_val)
+    metrics = {"validation": {"n": len(val_docs), "acc_dense": dense_val_acc,
+                              "acc_vq_init": vq_init_val_acc, "acc_vq": vq_val_acc}}
+    seconds = time.time() - started
+    manifest = {
+        "name": cfg.bundle_path().name,
+        "base_model": cfg.base_model,
+        "task": data.name,
+        "labels": list(data.label_names),
+        "vq": {"k": cfg.k, "layers": base.config.layers, "heads": base.config.heads,
+               "head_dim": base.config.head_dim,
+               "placement": "attention context softmax(QK^T/sqrt(d))V per head, before W_o"},
+        "chunking": {"chunk_tokens": cfg.chunk_tokens, "max_doc_tokens": cfg.max_doc_tokens,
+                     "keep": cfg.keep,
+                     "pooling": "token-count-weighted mean of chunk mean-pools"},
+        "trained": {"what": "codebooks and linear head; base encoder frozen",
+                    "dense_head": f"logistic regression, L2={dense_info['l2']} (val-picked)",
+                    "train_docs": len(train_docs), "steps": cfg.steps,
+                    "device": str(dev), "seconds": round(seconds, 1), "config": asdict(cfg)},
+        "dataset": {"name": data.name, "load": cfg.dataset, "licence": data.licence,
+                    "source": data.source},
+        "metrics": metrics,
+    }
+    path = save_model_bundle(cfg.bundle_path(), model.codebooks, model.head.weight,
+                             model.head.bias, dense_w, dense_b, manifest)
+    return TrainResult(path, losses, metrics, seconds)

@@ -1,0 +1,168 @@
+"""`incstream train`, `incstream eval`, `incstream classify`: the model commands.
+
+The logic lives in engine.train, engine.evaluate and engine.model_bundle; these are thin click
+wrappers (registered on the main group with cli.add_command).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when available)."
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@click.command("train")
+@click.option("--dataset", default="pang-lee-polarity", show_default=True,
+              help="Built-in dataset name or a CSV/TSV/JSONL file with text,label.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle directory [default: engine/bundles/<dataset>-minilm-vq<K>].")
+@click.option("--k", type=click.IntRange(2, 4096), default=64, show_default=True,
+              help="Codes per head (a codebook search costs K*32 MACs per head and row).")
+@click.option("--steps", type=click.IntRange(0), default=300, show_default=True)
+@click.option("--batch-docs", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--max-doc-tokens", type=click.IntRange(0), default=512, show_default=True,
+              help="Train/validate on each document's first N tokens (0 = whole documents).")
+@click.option("--keep", type=click.Choice(["head", "tail"]), default="head", show_default=True,
+              help="Which end of a long document --max-doc-tokens keeps.")
+@click.option("--train-docs", type=click.IntRange(1), default=None,
+              help="Use a seeded subsample of N training documents.")
+@click.option("--init", default="task", show_default=True,
+              help="'task' (k-means on the training texts) or a codebook bundle name/dir.")
+@click.option("--calib-tokens", type=click.IntRange(1), default=20_000, show_default=True)
+@click.option("--lr-codebooks", type=float, default=3e-4, show_default=True)
+@click.option("--lr-head", type=float, default=1e-3, show_default=True)
+@click.option("--w-kd", type=float, default=1.0, show_default=True,
+              help="Weight of distillation from the dense model's logits.")
+@click.option("--w-hidden", type=float, default=1.0, show_default=True,
+              help="Weight of the last-hidden-state MSE to the dense model.")
+@click.option("--w-codebook", type=float, default=0.25, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="[default: .incstream/checkpoints/<bundle name>]; re-running "
+                                 "the same command resumes from it.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs: int,
+                  max_doc_tokens: int, keep: str, train_docs: int | None, init: str,
+                  calib_tokens: int,
+                  lr_codebooks: float, lr_head: float, w_kd: float, w_hidden: float,
+                  w_codebook: float, seed: int, device: str, checkpoint_every: int,
+                  checkpoint_dir: Path | None, threads: int | None, quiet: bool) -> None:
+    """Train a VQ classifier (codebooks + head, QAT with distillation) and write its bundle."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _threads(threads)
+    from engine.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        dataset=dataset, out=str(out) if out else None, k=k, steps=steps,
+        batch_docs=batch_docs, max_doc_tokens=max_doc_tokens or None, keep=keep,
+        train_docs=train_docs,
+        init=init, calib_tokens=calib_tokens, lr_codebooks=lr_codebooks, lr_head=lr_head,
+        w_kd=w_kd, w_hidden=w_hidden, w_codebook=w_codebook, seed=seed, device=device,
+        checkpoint_every=checkpoint_every,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    result = train(cfg, progress=not quiet)
+    click.echo(json.dumps({"bundle": str(result.bundle), "metrics": result.metrics,
+                           "seconds": round(result.seconds, 1)}, indent=2))
+
+
+@click.command("eval")
+@click.option("--model", "models", multiple=True,
+              help="Model bundle name or directory (repeatable) [default: the default bundle].")
+@click.option("--dataset", default=None,
+              help="Evaluate on this dataset instead of the one each bundle was trained on.")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
+              show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="First N documents only.")
+@click.option("--incremental-docs", type=click.IntRange(0), default=None,
+              help="Replay edit histories for the first N documents only [default: all].")
+@click.option("--max-doc-tokens", type=click.IntRange(0), default=None,
+              help="First N tokens of each document [default: the bundle's training setting; "
+                   "0 = whole documents].")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@click.option("--update-manifest", is_flag=True,
+              help="Also record the measured metrics in each bundle's manifest.json.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Write {datasets: [...]} here.")
+@click.option("--quiet", is_flag=True)
+def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit: int | None,
+                 incremental_docs: int | None, max_doc_tokens: int | None, device: str,
+                 threads: int | None, update_manifest: bool, json_out: Path,
+                 quiet: bool) -> None:
+    """Test accuracy (and macro-F1) of the dense, VQ and incrementally reached VQ answers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _threads(threads)
+    from engine.base_model import load_tokenizer
+    from engine.evaluate import evaluate_dataset
+    from engine.labelled_datasets import load_dataset
+    from engine.model_bundle import DEFAULT_MODEL, load_heads, load_model_bundle, read_manifest
+
+    results = []
+    for name in models or (DEFAULT_MODEL,):
+        model, manifest = load_model_bundle(name, device=device)
+        _, dense_head = load_heads(name)
+        data = load_dataset(dataset or manifest["dataset"]["load"]).split(split)
+        chunking = manifest["chunking"]
+        tokens = chunking["max_doc_tokens"] if max_doc_tokens is None else max_doc_tokens or None
+        row = evaluate_dataset(model, dense_head, load_tokenizer(manifest["base_model"]), data,
+                               chunk_tokens=chunking["chunk_tokens"], max_doc_tokens=tokens,
+                               keep=chunking.get("keep", "head"),
+                               limit=limit, incremental_docs=incremental_docs,
+                               progress=not quiet)
+        row["model"] = manifest["name"]
+        results.append(row)
+        if update_manifest:
+            path, fresh = read_manifest(name)
+            fresh.setdefault("metrics", {})[split] = row
+            (path / "manifest.json").write_text(json.dumps(fresh, indent=2) + "\n")
+        if not quiet:
+            click.echo(f"{row['name']}: n={row['n_test']} acc dense {row['acc_dense']:.4f} "
+                       f"vq {row['acc_vq']:.4f} incremental {row['acc_incremental']} "
+                       f"f1 dense {row['f1_dense']:.4f} vq {row['f1_vq']:.4f}")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps({"datasets": results}, indent=2) + "\n")
+    if not quiet:
+        click.echo(f"wrote {json_out}")
+
+
+@click.command("classify")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", default=None, help="Model bundle name or directory [default bundle].")
+@click.option("--max-doc-tokens", type=click.IntRange(0), default=0, show_default=True,
+              help="Classify only the first N tokens (0 = whole documents).")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+def classify_command(files: tuple[Path, ...], model: str | None, max_doc_tokens: int,
+                     device: str, as_json: bool) -> None:
+    """One-shot classification of text files with the VQ model (label and scores)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from engine.base_model import load_tokenizer
+    from engine.evaluate import classify_text
+    from engine.model_bundle import DEFAULT_MODEL, load_model_bundle
+
+    vq, manifest = load_model_bundle(model or DEFAULT_MODEL, device=device, with_original=False)
+    tok = load_tokenizer(manifest["base_model"])
+    for path in files:
+        result = classify_text(vq, tok, path.read_text(encoding="utf-8"),
+                               chunk_tokens=manifest["chunking"]["chunk_tokens"],
+                               max_doc_tokens=max_doc_tokens or None)
+        if as_json:
+            click.echo(json.dumps({"file": str(path), "model": manifest["name"], **result}))
+        else:
+            scores = " ".join(f"{k}={v:.3f}" for k, v in result["scores"].items())
+            click.echo(f"{path}\t{result['label']}\t{scores}")
