@@ -34,6 +34,18 @@ def tansu_binary() -> Path:
     return path
 
 
+def terminate(process: subprocess.Popen[bytes], grace_s: float) -> int:
+    """SIGTERM, then SIGKILL if the process is still there after `grace_s`; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -119,16 +131,7 @@ class EmbeddedBroker:
     def stop(self, grace_s: float = GRACE_SECONDS) -> int | None:
         """SIGTERM, then SIGKILL if it is still there after `grace_s`. Returns the exit code."""
         process, self.process = self.process, None
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return terminate(process, grace_s) if process is not None else None
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -8,7 +8,6 @@ and signal handling.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.broker import free_port
+from pipeline.broker import free_port, terminate
 
 
 @dataclass
@@ -82,14 +81,8 @@ class WorkerProcess:
         if process is None:
             return None, 0.0
         started = time.monotonic()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode, time.monotonic() - started
+        code = terminate(process, grace_s)
+        return code, time.monotonic() - started
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to flush or commit anything."""
