@@ -154,7 +154,6 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
                     )
                     await publish(classes, key, record)
                     metrics.outputs.inc()
-                    metrics.revisions_applied.inc()
                     if message.message.timestamp:
                         metrics.end_to_end_seconds.observe(
                             max(0.0, time.time() - message.message.timestamp)

@@ -26,11 +26,6 @@ class WorkerMetrics:
             ["outcome"],
             registry=r,
         )
-        self.revisions_applied = Counter(
-            "incstream_revisions_applied_total",
-            "Revisions applied to documents (a held event counts when it is finally applied)",
-            registry=r,
-        )
         self.dead_letters = Counter(
             "incstream_dead_letters_total",
             "Records sent to the dead-letter topic, by reason",
@@ -38,7 +33,10 @@ class WorkerMetrics:
             registry=r,
         )
         self.outputs = Counter(
-            "incstream_outputs_total", "doc-class/v1 records published", registry=r
+            "incstream_outputs_total",
+            "doc-class/v1 records published, one per applied revision (a held event counts "
+            "when it is finally applied)",
+            registry=r,
         )
         self.label_changes = Counter(
             "incstream_label_changes_total", "Updates whose label differs from the previous one",

@@ -16,8 +16,6 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.text_ops import sha1_hex
-
 MAGIC = b"ISD"
 CODEC_VERSION = 1
 NO_REVISION = -1  # `rev` of a document nothing has been applied to yet
@@ -44,10 +42,6 @@ class DocumentState:
     @property
     def exists(self) -> bool:
         return self.rev != NO_REVISION
-
-    @property
-    def sha1(self) -> str:
-        return sha1_hex(self.text)
 
     def evolve(self, **changes: Any) -> DocumentState:
         return replace(self, **changes)
