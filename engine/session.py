@@ -133,6 +133,10 @@ class DocumentSession:
         """Content tokens per chunk (without [CLS]/[SEP])."""
         return [len(c.token_ids) - 2 for c in self.chunks]
 
+    def nbytes(self) -> int:
+        """Memory held by the activations of all chunks (tokens and text not counted)."""
+        return sum(c.nbytes() for c in self.chunks)
+
     def chunk_logits(self, index: int) -> torch.Tensor:
         return self.model.head.logits(self.chunks[index].pooled)
 

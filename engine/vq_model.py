@@ -41,6 +41,13 @@ class ChunkActivations:
         """Mean over all rows ([CLS] and [SEP] included, as sentence-transformers pools)."""
         return self.out.mean(0)
 
+    def nbytes(self) -> int:
+        """Memory held by this chunk's tensors (what a hot cache has to budget for)."""
+        tensors = [self.token_ids, self.position_ids, self.out]
+        for state in self.layers:
+            tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class VQModel:
     """MiniLM weights (float64), codebooks and output lookup tables, and a classification head.
