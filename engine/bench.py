@@ -6,11 +6,10 @@ For every edit, measured side by side in one run (interleaved, so machine noise 
   positions) / MACs of the incremental update; and the same against the dense VQ model;
 - wall-clock of that dense original run (whole-text tokenization + chunked forward) / the
   incremental update (window re-tokenization + chunk updates);
-- exactness: the touched chunks against a dense VQ forward on the same ids and position ids,
-  and the whole document at the end of each document;
+- exactness: the touched chunks against a dense VQ forward on the same ids, and at the end of
+  each document the whole session against a FRESH session built on the final text (same chunk
+  layout, same codes, same label, logits within 1e-9): the answer does not depend on history;
 - tokenization: the incrementally maintained tokens vs tokenizing the whole new text;
-- stable vs canonical positions: the original model on each touched chunk with the session's
-  stable position ids vs canonical ones (cosine of pooled embeddings, max |diff|).
 - within the touched chunks only: dense VQ MACs of those chunks / incremental MACs (what the
   incremental attention itself saves, separate from what chunking saves).
 Edits that change no token (e.g. whitespace-only) cost 0 MACs incrementally; they are counted
@@ -34,7 +33,7 @@ from engine.chunks import ChunkPolicy
 from engine.edit_tokenizer import tokenize
 from engine.macs import MacCounter, dense_chunk_macs
 from engine.minilm import forward_dense
-from engine.positions import canonical
+from engine.model_bundle import DEFAULT_MODEL, load_model_bundle
 from engine.session import DocumentSession
 from engine.text_ops import sha1_hex
 from engine.vq_model import VQModel
@@ -93,21 +92,30 @@ def _dense_original(model: VQModel, tokenizer, session: DocumentSession,
     return time.perf_counter() - started, pooled
 
 
-def run_bench(stream: Path, docs: int = 5, events: int = 40, model_name: str = DEFAULT_BASE_MODEL,
-              device: str | None = None, chunk_tokens: int = 256, bundle: str | None = None,
-              progress: bool = True, rebase_duplicates: int = 32) -> dict[str, Any]:
+def load_bench_model(model_bundle: str = DEFAULT_MODEL, codebooks: str | None = None,
+                     device: str | None = None) -> tuple[VQModel, str]:
+    """The trained model bundle (default), or bare calibrated codebooks when `codebooks` is
+    given (then the head is the identity and only MACs/exactness mean anything)."""
+    if codebooks:
+        return VQModel.load(DEFAULT_BASE_MODEL, bundle=codebooks, device=device), codebooks
+    model, manifest = load_model_bundle(model_bundle, device=device)
+    return model, manifest["name"]
+
+
+def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str = DEFAULT_MODEL,
+              device: str | None = None, chunk_tokens: int = 256, codebooks: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
     """Replay the first `docs` documents (at most `events` edits each); return the result."""
     from tqdm import tqdm
 
-    kwargs = {"bundle": bundle} if bundle else {}
-    model = VQModel.load(model_name, device=device, **kwargs)
-    tokenizer = load_tokenizer(model_name)
-    policy = ChunkPolicy(max_tokens=chunk_tokens, rebase_duplicates=rebase_duplicates)
+    model, model_label = load_bench_model(model_bundle, codebooks, device)
+    tokenizer = load_tokenizer(model.name)
+    policy = ChunkPolicy(max_tokens=chunk_tokens)
     layer_fracs: list[list[float]] = [[] for _ in range(model.cfg.layers)]
     macs_ratio, macs_ratio_vq, time_ratio, macs_ratio_chunk = [], [], [], []
     inc_macs, dense_macs_list, inc_secs, dense_secs = [], [], [], []
-    cosines, pos_diffs = [], []
-    doc_cosines = []
+    fresh_diffs: list[float] = []
+    fresh_label_mismatch = fresh_layout_mismatch = fresh_code_mismatch = 0
     checked = mismatches = codes_checked = tok_mismatch = noop = sha_mismatch = 0
     rebuilt = n_events = 0
     max_diff = 0.0
@@ -165,16 +173,6 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_name: str = D
                 max_diff = max(max_diff, check["max_abs_logit_diff"])
                 mismatches += check["code_mismatches"]
                 codes_checked += check["codes_checked"]
-                for i in report.touched:
-                    acts = session.chunks[i]
-                    pos = acts.position_ids
-                    if torch.equal(pos.cpu(), torch.tensor(canonical(len(pos)))):
-                        continue
-                    stable = forward_dense(model.original, acts.token_ids, pos).mean(0)
-                    canon = canon_pooled[i]
-                    cosines.append(float(torch.nn.functional.cosine_similarity(
-                        stable, canon, dim=0)))
-                    pos_diffs.append(float((stable - canon).abs().max()))
             bar.update(1)
         bar.update(min(len(evs), events) - doc_events)
         final = session.reference_check()
@@ -182,30 +180,27 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_name: str = D
         max_diff = max(max_diff, final["max_abs_logit_diff"])
         mismatches += final["code_mismatches"]
         codes_checked += final["codes_checked"]
-        # Document-level: stable positions everywhere vs canonical, original model.
-        _, canon_pooled = _dense_original(model, tokenizer, session, MacCounter())
-        counts = [len(c.token_ids) for c in session.chunks]
-        stable_doc = sum(forward_dense(model.original, c.token_ids, c.position_ids).mean(0) * n
-                         for c, n in zip(session.chunks, counts, strict=True)) / sum(counts)
-        canon_doc = sum(p * n for p, n in zip(canon_pooled, counts, strict=True)) / sum(counts)
-        doc_cos = float(torch.nn.functional.cosine_similarity(stable_doc, canon_doc, dim=0))
-        doc_cosines.append(doc_cos)
+        fresh = DocumentSession(model, tokenizer, session.text, policy, MacCounter())
+        fresh_check = compare_sessions(session, fresh)
+        fresh_diffs.append(fresh_check["max_abs_logit_diff"])
+        fresh_layout_mismatch += fresh_check["layout_mismatch"]
+        fresh_code_mismatch += fresh_check["code_mismatches"]
+        fresh_label_mismatch += fresh_check["label_mismatch"]
         per_doc.append({"doc_id": doc_id, "events": doc_events, "tokens": len(session.tokens.ids),
                         "chunks": len(session.chunks), "final_check": final,
-                        "stable_vs_canonical_doc_cosine": doc_cos})
+                        "vs_fresh_session": fresh_check})
     bar.close()
     q = _quantiles
     return {
         "device": str(model.device) + (f" ({torch.cuda.get_device_name()})"
                                        if model.device.type == "cuda" else ""),
         "torch_threads": torch.get_num_threads(),
-        "model": model_name,
-        "codebooks": model.bundle,
+        "model": model_label,
+        "base_model": model.name,
         "k": model.k,
         "chunk_tokens": chunk_tokens,
-        "chunk_policy": {"max_tokens": policy.max_tokens, "fill": policy.fill,
-                         "min_content": policy.min_content,
-                         "rebase_duplicates": policy.rebase_duplicates},
+        "chunk_policy": {"max_tokens": policy.max_tokens, "min_content": policy.min_content,
+                         "cut_every": policy.cut_spacing},
         "vq_dtype": str(model.w.dtype), "original_dtype": str(model.original.dtype),
         "stream": str(stream),
         "docs": len(documents),
@@ -236,12 +231,13 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_name: str = D
                                       "search was skipped; skipping is exact while > 1e-6"},
         "tokenization_mismatches": tok_mismatch,
         "sha1_mismatches": sha_mismatch,
-        "stable_vs_canonical": {
-            "what": "original model, touched chunks whose position ids are not canonical: "
-                    "pooled embedding with stable ids vs canonical ids",
-            "chunks_compared": len(cosines), "cosine": q(cosines),
-            "max_abs_pooled_diff": q(pos_diffs),
-            "doc_level_cosine_at_end": q(doc_cosines),
+        "vs_fresh_session": {
+            "what": "at the end of each document, the incrementally maintained session vs a "
+                    "fresh session built on the final text",
+            "docs": len(fresh_diffs), "max_abs_logit_diff": max(fresh_diffs, default=0.0),
+            "layout_mismatches": fresh_layout_mismatch,
+            "code_mismatches": fresh_code_mismatch,
+            "label_mismatches": fresh_label_mismatch,
         },
         "per_doc": per_doc,
     }
@@ -266,9 +262,6 @@ def render_table(result: dict[str, Any]) -> None:
                        ("dense_original_seconds", "dense original seconds per edit")):
         row = result[key]
         table.add_row(label, *(f"{row[c]:.3g}" for c in ("median", "p10", "p90")))
-    svc = result["stable_vs_canonical"]["cosine"]
-    table.add_row("stable vs canonical positions, cosine",
-                  *(f"{svc[c]:.4f}" for c in ("median", "p10", "p90")))
     console = Console()
     console.print(table)
     fracs = result["rows_changed_fraction_by_layer"]["mean"]
@@ -279,6 +272,26 @@ def render_table(result: dict[str, Any]) -> None:
                   f" code mismatches {ex['code_mismatches']}/{ex['codes_checked']}; "
                   f"tokenization mismatches {result['tokenization_mismatches']}; "
                   f"no-op edits {result['noop_edits']}; chunk rebuilds {result['chunk_rebuilds']}")
+    fr = result["vs_fresh_session"]
+    console.print(f"vs a fresh build of each final text ({fr['docs']} docs): max |logit diff| "
+                  f"{fr['max_abs_logit_diff']:.2e}, layout mismatches {fr['layout_mismatches']}, "
+                  f"code mismatches {fr['code_mismatches']}, label mismatches "
+                  f"{fr['label_mismatches']}")
+
+
+def compare_sessions(a: DocumentSession, b: DocumentSession) -> dict[str, Any]:
+    """Two sessions on the same text: chunk layout, codes, logits and label agreement."""
+    layout = a.chunk_lengths != b.chunk_lengths
+    codes = 0
+    if not layout:
+        for ca, cb in zip(a.chunks, b.chunks, strict=True):
+            for la, lb in zip(ca.layers, cb.layers, strict=True):
+                codes += int((la.codes != lb.codes).sum())
+    la, lb = a.logits(), b.logits()
+    diff = float((la - lb).abs().max()) if la.shape == lb.shape else float("inf")
+    return {"layout_mismatch": int(layout), "code_mismatches": codes,
+            "max_abs_logit_diff": diff,
+            "label_mismatch": int(int(la.argmax()) != int(lb.argmax()))}
 
 
 def edit_cost_vs_length(lengths: tuple[int, ...] = (2_000, 50_000), chunk_tokens: int = 256,

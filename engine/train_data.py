@@ -2,8 +2,9 @@
 
 Training, evaluation and classification all see a document the way the incremental engine does:
 WordPiece ids without special tokens (engine.edit_tokenizer.tokenize), cut by
-ChunkPolicy.split_lengths into chunks of [CLS] content [SEP] with canonical positions; the
-document's pooled vector is the token-count-weighted mean of its chunks' pooled vectors.
+engine.chunks.chunk_lengths (content-defined cuts) into chunks of [CLS] content [SEP] with
+canonical positions; the document's pooled vector is the token-count-weighted mean of its
+chunks' pooled vectors.
 
 For CPU budgets a document may be truncated to its first (keep="head") or last (keep="tail")
 `max_tokens` content tokens. The cut is made on the TEXT (at a kept token's boundary), so the
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.chunks import ChunkPolicy
+from engine.chunks import ChunkPolicy, chunk_lengths, word_continuation_mask
 from engine.edit_tokenizer import tokenize
 
 
@@ -55,7 +56,7 @@ def chunk_document(tokenizer, text: str, policy: ChunkPolicy, max_tokens: int | 
     text = truncate_text(tokenizer, text, max_tokens, keep)
     ids = tokenize(tokenizer, text).ids
     chunks, pos = [], 0
-    for n in policy.split_lengths(len(ids)):
+    for n in chunk_lengths(ids, policy, word_continuation_mask(tokenizer)):
         piece = [tokenizer.cls_token_id, *ids[pos : pos + n], tokenizer.sep_token_id]
         chunks.append(torch.tensor(piece, dtype=torch.long))
         pos += n

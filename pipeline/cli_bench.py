@@ -21,29 +21,26 @@ def bench() -> None:
 @click.option("--events", type=int, default=40, show_default=True,
               help="At most N edit events per document (keeps a CPU run to a few minutes: "
                    "every edit also re-runs the dense model on the whole document).")
-@click.option("--model", "model", default="all-MiniLM-L6-v2", show_default=True,
-              help="Base model: the bundled name or a local directory.")
+@click.option("--model", "model", default="polarity-minilm-vq64", show_default=True,
+              help="Model bundle: a name under engine/bundles or a directory.")
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto (CUDA when available).")
 @click.option("--chunk-tokens", type=click.IntRange(4, 512), default=256, show_default=True,
               help="Max rows per chunk including [CLS] and [SEP].")
-@click.option("--rebase-duplicates", type=int, default=32, show_default=True,
-              help="Re-base a chunk's position ids to canonical past this many duplicate ids.")
 @click.option("--codebooks", default=None,
-              help="Codebook bundle name or directory (default: calibrated-minilm).")
+              help="Bench bare codebooks instead of a model bundle (e.g. calibrated-minilm).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               required=True, help="Write the result JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bar or table.")
 def engine_cmd(stream: Path, docs: int, events: int, model: str, device: str,
-               chunk_tokens: int, rebase_duplicates: int, codebooks: str | None,
+               chunk_tokens: int, codebooks: str | None,
                json_out: Path, quiet: bool) -> None:
     """Replay an edit stream: incremental VQ inference vs dense re-runs (MACs, seconds,
     exactness, tokenization)."""
     from engine.bench import render_table, run_bench
 
-    result = run_bench(stream, docs=docs, events=events, model_name=model, device=device,
-                       chunk_tokens=chunk_tokens, bundle=codebooks, progress=not quiet,
-                       rebase_duplicates=rebase_duplicates)
+    result = run_bench(stream, docs=docs, events=events, model_bundle=model, device=device,
+                       chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     if not quiet:
