@@ -4,6 +4,9 @@ The story of one event, as the agent tells it:
   1. parse and validate it (anything malformed -> dead-letter topic, with the reason);
   2. look the document up in the RocksDB-backed table;
   3. let the revision rules decide (state.ordering): apply, hold, drop duplicate, reject;
+  3b. classify each applied revision (pipeline.document_sessions: a cached session updated
+     incrementally, or one built fresh from the text), on one inference thread so the event
+     loop keeps heartbeating while torch works;
   4. publish one doc-class/v1 update per applied revision and wait until Kafka has it;
   5. only then write the new state to the table (so a crash can replay, never lose, an update).
 Offsets commit after the producer is flushed (Faust does this): delivery is at-least-once,
@@ -12,8 +15,10 @@ and replays are recognised as duplicates by (doc_id, rev).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
@@ -22,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine.base_model import load_tokenizer
 from engine.edit_tokenizer import token_count_delta
 from engine.text_ops import sha1_hex
+from pipeline.document_sessions import DocumentClassifier, Inference
 from pipeline.metrics import WorkerMetrics
 from pipeline.records import dead_letter_record, to_bytes, update_record
 from pipeline.settings import Settings
@@ -32,8 +38,26 @@ from state.ordering import AppliedRevision, advance
 log = logging.getLogger("incstream.worker")
 
 
-def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust.App:
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
+              classifier: DocumentClassifier | None = None) -> faust.App:
+    """The worker's Faust app. With `settings.model_enabled` it loads the model bundle (unless
+    a `classifier` is given) and classifies every applied revision."""
     metrics = metrics or WorkerMetrics()
+    if classifier is None and settings.model_enabled:
+        classifier = DocumentClassifier.load(settings.model, settings.session_cache_bytes,
+                                             metrics, threads=settings.torch_threads)
+    # One inference thread: sessions and the cache are touched only there, and torch work
+    # never blocks the event loop (heartbeats, commits, /metrics go on during a long build).
+    inference = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="incstream-inference",
+        initializer=_set_torch_threads, initargs=(settings.torch_threads,),
+    ) if classifier is not None else None
     app = faust.App(
         settings.app_id,
         broker=settings.faust_broker,
@@ -126,9 +150,12 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
 
                 # 3. Decide.
                 decision = advance(state, edit, settings.max_held_per_doc)
-                lengths_in_tokens = token_counts(state, decision.applied)
-                if lengths_in_tokens:
-                    decision.state = decision.state.evolve(tokens=lengths_in_tokens[-1])
+                lengths_in_tokens: list[int] = []
+                if classifier is None:  # with a model, the sessions count the tokens
+                    lengths_in_tokens = token_counts(state, decision.applied)
+                    if lengths_in_tokens:
+                        decision.state = decision.state.evolve(
+                            tokens=lengths_in_tokens[-1], label=None, model_id=None)
                 encoded = encode_state(decision.state) if decision.state_changed else None
                 if encoded is not None and len(encoded) > settings.max_state_bytes:
                     await publish_dead_letter(
@@ -141,9 +168,29 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
                     metrics.events.labels("dlq").inc()
                     continue
 
+                # 3b. Classify the applied revisions, off the event loop.
+                answers: list[Inference | None] = [None] * len(decision.applied)
+                label_changes = [False] * len(decision.applied)
+                if classifier is not None and decision.applied:
+                    answers = await asyncio.get_running_loop().run_in_executor(
+                        inference, classifier.classify, edit.doc_id,
+                        state.text if state is not None else None, decision.applied,
+                    )
+                    lengths_in_tokens = [answer.tokens for answer in answers]
+                    # The previous label counts only if the same model gave it.
+                    previous = (state.label if state is not None
+                                and state.model_id == classifier.name else None)
+                    for i, answer in enumerate(answers):
+                        label_changes[i] = previous is not None and answer.label != previous
+                        previous = answer.label
+                    decision.state = decision.state.evolve(
+                        tokens=lengths_in_tokens[-1], label=answers[-1].label,
+                        model_id=classifier.name)
+                    encoded = encode_state(decision.state)
+
                 # 4. Publish what happened, and wait for Kafka to have it.
-                for revision, length_tokens in zip(
-                    decision.applied, lengths_in_tokens, strict=True
+                for revision, length_tokens, answer, changed in zip(
+                    decision.applied, lengths_in_tokens, answers, label_changes, strict=True
                 ):
                     record = update_record(
                         edit.doc_id,
@@ -151,8 +198,13 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
                         length_tokens=length_tokens,
                         sha1=sha1_hex(revision.text),
                         latency_s=time.perf_counter() - started,
+                        inference=answer,
+                        model=classifier.name if classifier is not None else None,
+                        label_changed=changed,
                     )
                     await publish(classes, key, record)
+                    if changed:
+                        metrics.label_changes.inc()
                     metrics.outputs.inc()
                     if message.message.timestamp:
                         metrics.end_to_end_seconds.observe(
@@ -213,11 +265,13 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None) -> faust
         return web.bytes(generate_latest(metrics.registry), content_type=content_type)
 
     app.incstream_metrics = metrics  # type: ignore[attr-defined]
+    app.incstream_classifier = classifier  # type: ignore[attr-defined]
     return app
 
 
 def run_worker(settings: Settings) -> None:
-    """Run one worker until SIGTERM/SIGINT (Faust's Worker handles the signals)."""
+    """Run one worker until SIGTERM/SIGINT (Faust's Worker handles the signals; SIGUSR1 logs
+    every thread's stack, the inference thread's included, for a worker that looks stuck)."""
     from pipeline.topics import ensure_topics
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)

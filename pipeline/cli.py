@@ -37,6 +37,11 @@ def cli() -> None:
 @click.option("--classes-topic", help="output topic (default doc-classes)")
 @click.option("--dlq-topic", help="dead-letter topic (default doc-edits-dlq)")
 @click.option("--max-held-per-doc", type=int, help="events held per document across a gap")
+@click.option("--model", help="model bundle name or directory, or none for text only "
+              "(default polarity-minilm-vq64) [INCSTREAM_MODEL]")
+@click.option("--session-cache-bytes", type=int,
+              help="memory budget of the hot session cache (default 2 GiB)")
+@click.option("--torch-threads", type=int, help="torch CPU threads for inference (default 1)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def worker(**options: Any) -> None:
     """Run a stream worker: doc-edits in, doc-classes out, state in RocksDB.
@@ -106,13 +111,16 @@ def broker(port: int, host: str) -> None:
 @click.option("--quiet", is_flag=True, help="print the summary only, not every update")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="give up waiting for updates after this many seconds")
+@click.option("--model", default=None,
+              help="model bundle name or directory, or none for text only "
+                   "[default: INCSTREAM_MODEL, else polarity-minilm-vq64]")
 def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, quiet: bool,
-         timeout: float) -> None:
+         timeout: float, model: str | None) -> None:
     """Start a local broker and a worker, replay an edit stream, show the updates, stop."""
     from pipeline.demo import run_demo
 
     ok = run_demo(stream=stream, docs=docs, limit=limit, rate=rate, quiet=quiet,
-                  timeout_s=timeout)
+                  timeout_s=timeout, model=model)
     sys.exit(0 if ok else 1)
 
 

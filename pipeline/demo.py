@@ -48,6 +48,7 @@ def run_demo(
     quiet: bool = False,
     timeout_s: float = 300.0,
     workdir: Path | None = None,
+    model: str | None = None,
 ) -> bool:
     started = time.monotonic()
     stream = stream or bundled_stream()
@@ -64,7 +65,8 @@ def run_demo(
         settings = Settings(broker=broker.url, partitions=4)
         ensure_topics(settings)
         worker = WorkerProcess(
-            broker.url, data_dir=workdir / "worker", log_path=workdir / "worker.log"
+            broker.url, data_dir=workdir / "worker", log_path=workdir / "worker.log",
+            extra_args=["--model", model] if model else [],
         ).start()
         console.print(f"worker  pid {worker.process.pid}, metrics {worker.metrics_url}, "
                       f"logs {workdir / 'worker.log'}")
@@ -78,11 +80,20 @@ def run_demo(
             change = record["change"]
             what = "snapshot" if record["snapshot"] else (
                 f"@{change['start']} -{change['deleted']} +{change['inserted']}")
+            answer = ""
+            if record.get("label") is not None:
+                cost = record["cost"]
+                answer = (f"  {record['label']} {max(record['scores'].values()):.3f}"
+                          f"{' (changed)' if record['label_changed'] else ''}"
+                          f"  {cost['cache']}")
+                if cost["macs_incremental"]:
+                    ratio = cost["macs_dense_equivalent"] / cost["macs_incremental"]
+                    answer += f" {ratio:.1f}x fewer MACs"
             console.print(
                 f"{record['doc_id']:<14} r{record['rev']:<4} {what:<18} "
                 f"{record['length_chars']:>6} ch {record['length_tokens']:>5} tok "
-                f"{record['cost']['latency_s'] * 1000:6.1f} ms",
-                highlight=False,
+                f"{record['cost']['latency_s'] * 1000:6.1f} ms{answer}",
+                highlight=False, soft_wrap=True,
             )
 
         reader = TopicReader(
@@ -119,6 +130,29 @@ def run_demo(
     for outcome in ("ok", "duplicate", "gap", "dlq"):
         value = metric_value(metrics_text, "incstream_events_total", f'outcome="{outcome}"')
         summary.add_row(f"worker events {outcome}", f"{value:.0f}")
+    finals: dict[str, dict[str, Any]] = {}
+    for record in updates:
+        if record["rev"] >= finals.get(record["doc_id"], {"rev": -1})["rev"]:
+            finals[record["doc_id"]] = record
+    models = {r["model"] for r in updates}
+    summary.add_row("model", ", ".join(sorted(m or "none (text only)" for m in models)))
+    for doc_id, record in sorted(finals.items()):
+        if record["label"] is None:
+            continue
+        changes = sum(1 for r in updates if r["doc_id"] == doc_id and r["label_changed"])
+        summary.add_row(f"final label {doc_id}",
+                        f"r{record['rev']} {record['label']} "
+                        f"{record['scores'][record['label']]:.3f} ({changes} changes)")
+    inference_macs = sum(metric_value(metrics_text, "incstream_inference_macs_total",
+                                      f'path="{path}"') for path in ("incremental", "fresh"))
+    if inference_macs:
+        dense = metric_value(metrics_text, "incstream_dense_equivalent_macs_total")
+        hits = metric_value(metrics_text, "incstream_session_cache_hits_total")
+        misses = metric_value(metrics_text, "incstream_session_cache_misses_total")
+        summary.add_row("MACs dense re-runs / spent",
+                        f"{dense / 1e9:.1f} / {inference_macs / 1e9:.1f} GMAC "
+                        f"({dense / inference_macs:.1f}x fewer)")
+        summary.add_row("session cache hits / misses", f"{hits:.0f} / {misses:.0f}")
     if latencies:
         summary.add_row("processing latency median / p90",
                         f"{statistics.median(latencies):.1f} / "

@@ -3,6 +3,14 @@
 Reuse ratio and rates are left to PromQL, e.g.
     rate(incstream_events_total{outcome="ok"}[1m])
     histogram_quantile(0.99, rate(incstream_processing_seconds_bucket[5m]))
+    # times fewer MACs than re-running the dense original model on every revision
+    sum(rate(incstream_dense_equivalent_macs_total[5m]))
+      / sum(rate(incstream_inference_macs_total[5m]))
+    # hot-cache hit ratio
+    rate(incstream_session_cache_hits_total[5m])
+      / (rate(incstream_session_cache_hits_total[5m])
+         + rate(incstream_session_cache_misses_total[5m])
+         + sum(rate(incstream_session_rebuilds_total[5m])))
 """
 
 from __future__ import annotations
@@ -76,5 +84,83 @@ class WorkerMetrics:
             ["partition"],
             registry=r,
         )
+        # The classifier (pipeline.document_sessions). MACs are counted by engine.macs; the dense
+        # equivalent is the original model re-run on the whole document at every revision.
+        self.inference_macs = Counter(
+            "incstream_inference_macs_total",
+            "Multiply-accumulates spent classifying revisions, by path (incremental = a cached "
+            "session updated, fresh = a session built from the text)",
+            ["path"],
+            registry=r,
+        )
+        self.dense_equivalent_macs = Counter(
+            "incstream_dense_equivalent_macs_total",
+            "MACs the dense original model would have spent re-running every classified "
+            "revision's whole document",
+            registry=r,
+        )
+        self.positions_recomputed = Counter(
+            "incstream_positions_recomputed_total",
+            "Token positions (rows) recomputed, summed over layers, by path",
+            ["path"],
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "incstream_inference_seconds",
+            "Time to classify one revision (incremental update or fresh build, plus the head)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_batch_size = Histogram(
+            "incstream_inference_batch_size",
+            "Documents per inference call (always 1: revisions are not batched yet)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.session_cache_hits = Counter(
+            "incstream_session_cache_hits_total",
+            "Revisions answered by updating a cached session incrementally",
+            registry=r,
+        )
+        self.session_cache_misses = Counter(
+            "incstream_session_cache_misses_total",
+            "Revisions with no cached session (new document, restart, eviction, snapshot)",
+            registry=r,
+        )
+        self.session_rebuilds = Counter(
+            "incstream_session_rebuilds_total",
+            "Cached sessions discarded and rebuilt from the durable text, by reason (stale = "
+            "its text was not the revision's previous text; text_mismatch = wrong text after "
+            "the edit; error = the incremental update raised)",
+            ["reason"],
+            registry=r,
+        )
+        self.session_cache_evictions = Counter(
+            "incstream_session_cache_evictions_total",
+            "Sessions dropped from the hot cache to stay within its memory budget",
+            registry=r,
+        )
+        self.session_cache_bytes = Gauge(
+            "incstream_session_cache_bytes", "Activation bytes held by the hot session cache",
+            registry=r,
+        )
+        self.session_cache_budget_bytes = Gauge(
+            "incstream_session_cache_budget_bytes", "Memory budget of the hot session cache",
+            registry=r,
+        )
+        self.session_cache_sessions = Gauge(
+            "incstream_session_cache_sessions", "Documents with a session in the hot cache",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "incstream_model_info", "The model bundle this worker classifies with (value 1)",
+            ["model"],
+            registry=r,
+        )
+        for path in ("incremental", "fresh"):
+            self.inference_macs.labels(path)
+            self.positions_recomputed.labels(path)
+        for reason in ("stale", "text_mismatch", "error"):
+            self.session_rebuilds.labels(reason)
         for outcome in ("ok", "duplicate", "gap", "dlq"):
             self.events.labels(outcome)  # export zeros from the start

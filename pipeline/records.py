@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from state.ordering import AppliedRevision
+
+if TYPE_CHECKING:
+    from pipeline.document_sessions import Inference
 
 CLASS_SCHEMA = "doc-class/v1"
 DLQ_SCHEMA = "doc-edit-dlq/v1"
@@ -18,8 +21,28 @@ def update_record(
     length_tokens: int,
     sha1: str,
     latency_s: float,
+    inference: Inference | None = None,
+    model: str | None = None,
+    label_changed: bool = False,
 ) -> dict[str, Any]:
-    """doc-class/v1 for one applied revision. The label fields are filled once a model runs."""
+    """doc-class/v1 for one applied revision. Without a model (`inference` None) the label
+    fields are null and the cost is the latency only.
+
+    cost: latency_s (event taken off the stream -> this record built), inference_s (the
+    classifier alone), positions_recomputed (rows, summed over layers), macs_incremental (what
+    this revision cost), macs_dense_equivalent (the dense original model re-run on the whole
+    document), cache ("hit": incremental update of a cached session; "miss": built fresh, no
+    session cached or a snapshot; "rebuild": a cached session was out of step, built fresh).
+    """
+    cost: dict[str, Any] = {"latency_s": round(latency_s, 6)}
+    if inference is not None:
+        cost.update({
+            "inference_s": round(inference.seconds, 6),
+            "positions_recomputed": inference.positions_recomputed,
+            "macs_incremental": inference.macs,
+            "macs_dense_equivalent": inference.macs_dense_equivalent,
+            "cache": inference.cache,
+        })
     return {
         "schema": CLASS_SCHEMA,
         "doc_id": doc_id,
@@ -33,11 +56,11 @@ def update_record(
             "deleted": revision.change.deleted,
             "inserted": revision.change.inserted,
         },
-        "label": None,
-        "scores": None,
-        "label_changed": False,
-        "model": None,
-        "cost": {"latency_s": round(latency_s, 6)},
+        "label": inference.label if inference else None,
+        "scores": inference.scores if inference else None,
+        "label_changed": label_changed,
+        "model": model if inference else None,
+        "cost": cost,
         "ts_event": revision.ts,
         "ts": time.time(),
     }

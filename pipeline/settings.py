@@ -38,6 +38,18 @@ class Settings(BaseSettings):
     session_timeout_s: float = 10.0
     heartbeat_interval_s: float = 2.0
     log_level: str = "info"
+    # The classifier: a model bundle name (engine/bundles/) or directory; "none" runs text
+    # only (label and scores null). The default is engine.model_bundle.DEFAULT_MODEL.
+    model: str = "polarity-minilm-vq64"
+    # Memory budget of the hot cache of per-document sessions (activations, ~115 KB a token;
+    # least recently used documents are evicted and rebuilt from their text when next edited).
+    session_cache_bytes: int = 2 * 1024**3
+    # torch CPU threads for inference (one inference thread per worker process).
+    torch_threads: int = 1
+
+    @property
+    def model_enabled(self) -> bool:
+        return self.model.strip().lower() not in ("", "none")
 
     @property
     def bootstrap(self) -> str:

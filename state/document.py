@@ -1,9 +1,11 @@
 """The durable state of one document and its versioned byte codec.
 
 This is what cannot be recomputed: the text, the last applied revision, and the events held
-while waiting for a gap to fill. It lives in the Faust table (RocksDB locally, changelogged to
-Kafka), so one record is written per applied edit: the codec compresses it (zlib) to keep a
-changelog record far under Kafka's 1 MB default for ordinary documents.
+while waiting for a gap to fill (plus the last published label, so label_changed survives a
+restart). Activations are never here: they are a cache (pipeline.document_sessions).
+It lives in the Faust table (RocksDB locally, changelogged to Kafka), so one record is written
+per applied edit: the codec compresses it (zlib) to keep a changelog record far under Kafka's
+1 MB default for ordinary documents.
 
 Wire format: b"ISD" + one byte codec version + zlib(JSON). A value of an unknown version is
 refused loudly (StateCodecError), never misread.
@@ -38,6 +40,10 @@ class DocumentState:
     # WordPiece tokens in `text` (no special tokens), kept so an edit can update the count
     # from a window around it instead of re-tokenizing the document. None: not known yet.
     tokens: int | None = None
+    # The label published for `rev` by model `model_id` (None: no model ran), so the next
+    # revision can say whether its label changed, also after a restart. Added after codec
+    # version 1 shipped: values written without it decode with None (the codec stays v1).
+    label: str | None = None
 
     @property
     def exists(self) -> bool:
@@ -56,6 +62,7 @@ def encode_state(state: DocumentState) -> bytes:
         "needs_snapshot": state.needs_snapshot,
         "model_id": state.model_id,
         "tokens": state.tokens,
+        "label": state.label,
     }
     raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return MAGIC + bytes([CODEC_VERSION]) + zlib.compress(raw, level=6)
@@ -81,4 +88,5 @@ def decode_state(data: bytes) -> DocumentState:
         needs_snapshot=bool(body.get("needs_snapshot", False)),
         model_id=body.get("model_id"),
         tokens=body.get("tokens"),
+        label=body.get("label"),
     )

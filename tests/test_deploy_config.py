@@ -53,3 +53,20 @@ def test_worker_settings_in_k8s_are_real_settings():
     env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
     fields = {f"INCSTREAM_{name.upper()}" for name in Settings.model_fields}
     assert {item["name"] for item in env} <= fields
+
+
+def test_worker_settings_in_compose_are_real_settings():
+    from pipeline.settings import Settings
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    env = compose["services"]["worker"]["environment"]
+    fields = {f"INCSTREAM_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= fields
+    Settings(**{k.removeprefix("INCSTREAM_").lower(): v for k, v in env.items()})
+
+
+def test_the_dashboard_shows_the_mac_reuse_ratio():
+    dashboard = json.loads((DEPLOY / "grafana" / "incstream.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert any("incstream_dense_equivalent_macs_total" in e and "incstream_inference_macs_total"
+               in e and "/" in e for e in exprs)

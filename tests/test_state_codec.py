@@ -1,17 +1,37 @@
 """The versioned byte codec of the durable document state."""
 
+import json
+import zlib
+
 import pytest
 
-from state.document import CODEC_VERSION, DocumentState, StateCodecError, decode_state, encode_state
+from state.document import (
+    CODEC_VERSION,
+    MAGIC,
+    DocumentState,
+    StateCodecError,
+    decode_state,
+    encode_state,
+)
 
 
 def test_round_trip_keeps_everything():
     state = DocumentState(
         doc_id="peps/pep-0001", rev=41, text="naïve 😀\n" * 100,
         held={43: {"schema": "doc-edit/v1", "doc_id": "peps/pep-0001", "rev": 43, "ops": []}},
-        needs_snapshot=True, model_id="m1", tokens=1234,
+        needs_snapshot=True, model_id="m1", tokens=1234, label="positive",
     )
     assert decode_state(encode_state(state)) == state
+
+
+def test_values_written_before_the_label_field_still_decode():
+    """A v1 value as the worker wrote it before `label` existed (changelogs keep them)."""
+    old_body = {"doc_id": "d", "rev": 3, "text": "abc", "held": {}, "needs_snapshot": False,
+                "model_id": None, "tokens": 1}
+    old = MAGIC + bytes([1]) + zlib.compress(json.dumps(old_body).encode("utf-8"))
+    state = decode_state(old)
+    assert state == DocumentState(doc_id="d", rev=3, text="abc", tokens=1)
+    assert state.label is None
 
 
 def test_text_is_compressed():

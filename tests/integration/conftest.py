@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from answers import FreshAnswer
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.settings import Settings
@@ -32,6 +33,13 @@ def hunks_stream() -> Path:
     return SHARED_HUNKS if SHARED_HUNKS.exists() else BUNDLED
 
 
+@pytest.fixture(scope="session")
+def demo_stream() -> Path:
+    """The bundled real edit stream (4 PEP histories, 144 events, ~300-700 tokens each): small
+    enough to classify every revision with the model on a 2-core CI machine."""
+    return BUNDLED
+
+
 @dataclass
 class Deployment:
     """One isolated worker deployment on the shared broker: its own group, topics, data dir."""
@@ -40,16 +48,24 @@ class Deployment:
     settings: Settings
     root: Path
 
-    def worker(self, data_dir: Path | None = None, name: str = "worker") -> WorkerProcess:
+    def worker(self, data_dir: Path | None = None, name: str = "worker",
+               model: str | None = None, session_cache_bytes: int | None = None
+               ) -> WorkerProcess:
+        """A worker process; `model` None = the default bundle, "none" = text only."""
         s = self.settings
+        extra = ["--edits-topic", s.edits_topic, "--classes-topic", s.classes_topic,
+                 "--dlq-topic", s.dlq_topic, "--torch-threads", "1"]
+        if model is not None:
+            extra += ["--model", model]
+        if session_cache_bytes is not None:
+            extra += ["--session-cache-bytes", str(session_cache_bytes)]
         return WorkerProcess(
             broker_url=self.broker.url,
             data_dir=data_dir or self.root / name,
             partitions=s.partitions,
             log_path=self.root / f"{name}.log",
             app_id=s.app_id,
-            extra_args=["--edits-topic", s.edits_topic, "--classes-topic", s.classes_topic,
-                        "--dlq-topic", s.dlq_topic],
+            extra_args=extra,
         )
 
 
@@ -71,3 +87,32 @@ def new_deployment(broker: EmbeddedBroker, root: Path) -> Deployment:
 def make_deployment(broker: EmbeddedBroker):
     """A factory: make_deployment(root) -> a fresh isolated Deployment on the shared broker."""
     return lambda root: new_deployment(broker, root)
+
+
+@pytest.fixture(scope="session")
+def fresh_classify() -> Callable[[str], FreshAnswer]:
+    """Classify a text from scratch in this process (a fresh DocumentSession of the default
+    bundle, 1 torch thread): what a worker's answer for that text must equal."""
+    import torch
+
+    from engine.base_model import load_tokenizer
+    from engine.chunks import ChunkPolicy
+    from engine.model_bundle import DEFAULT_MODEL, load_model_bundle
+    from engine.session import DocumentSession
+
+    torch.set_num_threads(1)
+    model, manifest = load_model_bundle(DEFAULT_MODEL, device="cpu", with_original=False)
+    tokenizer = load_tokenizer(manifest["base_model"])
+    policy = ChunkPolicy(max_tokens=manifest["chunking"]["chunk_tokens"])
+    labels = list(model.head.labels)
+
+    def classify(text: str) -> FreshAnswer:
+        with torch.no_grad():
+            logits = DocumentSession(model, tokenizer, text, policy).logits()
+        probs = torch.softmax(logits, dim=-1).tolist()
+        best = max(range(len(labels)), key=lambda i: float(logits[i]))
+        return FreshAnswer(labels[best], dict(zip(labels, probs, strict=True)),
+                           manifest["name"])
+
+    return classify
+

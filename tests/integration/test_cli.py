@@ -30,6 +30,15 @@ def test_demo_runs_end_to_end_and_verifies_itself():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "demo OK" in result.stderr
     assert "144 (144 distinct revisions)" in result.stderr
+    assert "polarity-minilm-vq64" in result.stderr
+    assert result.stderr.count("final label peps/") == 4  # one line per document
+
+
+def test_demo_text_only_with_model_none():
+    result = incstream("demo", "--quiet", "--model", "none", "--docs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "demo OK" in result.stderr and "none (text only)" in result.stderr
+    assert "final label" not in result.stderr
 
 
 def test_produce_replays_a_stream_keyed_by_doc_id(broker, hunks_stream):

@@ -1,0 +1,72 @@
+"""The worker's hot session cache and per-revision classifier (pipeline.document_sessions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.document_sessions import SessionCache, dense_equivalent_macs, softmax_scores
+from pipeline.settings import Settings
+
+
+class Fake:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def nbytes(self) -> int:
+        return self.size
+
+
+def test_lru_evicts_least_recently_used_within_the_budget():
+    cache = SessionCache(budget_bytes=100)
+    a, b, c = Fake(40), Fake(40), Fake(40)
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # a is now the most recently used
+    assert cache.put("c", c) == 1
+    assert "b" not in cache and cache.get("a") is a and cache.get("c") is c
+    assert cache.nbytes == 80 and cache.evictions == 1
+
+
+def test_put_remeasures_a_grown_session_and_too_large_ones_are_not_kept():
+    cache = SessionCache(budget_bytes=100)
+    a = Fake(30)
+    cache.put("a", a)
+    cache.put("b", Fake(30))
+    a.size = 60
+    cache.put("a", a)  # re-measured after an edit: 90 bytes in all
+    assert cache.nbytes == 90 and len(cache) == 2
+    assert cache.put("huge", Fake(101)) == 1
+    assert "huge" not in cache and cache.nbytes == 90
+    cache.discard("a")
+    assert cache.nbytes == 30 and cache.get("a") is None
+
+
+def test_softmax_scores_sum_to_one_and_keep_label_order():
+    scores = softmax_scores([2.0, -1.0], ("negative", "positive"))
+    assert list(scores) == ["negative", "positive"]
+    assert scores["negative"] > scores["positive"]
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_dense_equivalent_matches_the_engine_mac_counter():
+    """The analytic dense-original MACs equal what engine.minilm reports for a real forward."""
+    import torch
+
+    from engine.base_model import base_model_path
+    from engine.macs import MacCounter
+    from engine.minilm import forward_dense, load_minilm
+
+    torch.set_num_threads(1)
+    weights = load_minilm(base_model_path(), torch.float32, "cpu")
+    counter = MacCounter()
+    for n in (5, 17):
+        ids = torch.full((n + 2,), 1000)
+        forward_dense(weights, ids, torch.arange(n + 2), counter)
+    assert dense_equivalent_macs([5, 17], weights.config) == counter.total
+
+
+def test_the_default_model_setting_is_the_default_bundle():
+    from engine.model_bundle import DEFAULT_MODEL
+
+    assert Settings().model == DEFAULT_MODEL
+    assert Settings(model="none").model_enabled is False
