@@ -10,13 +10,19 @@ Steps (all seeded, all deterministic on a given device):
    loss = w_ce * CE(VQ logits, label) + w_kd * KL(dense logits || VQ logits) at temperature T
         + w_hidden * MSE(VQ last hidden, dense last hidden) + w_codebook * |sg(ctx) - code|^2;
    AdamW, batches of documents (all of a document's chunks in one batch);
-4. a model bundle (engine.model_bundle) with validation metrics in its manifest.
+4. optionally (`refit_head`) the VQ head is refitted by the dense baseline's routine: logistic
+   regression on the VQ model's document vectors, L2 picked on validation; with `refit_head` both
+   heads use the finer REFIT_L2_GRID. `init` = a model bundle + `steps=0` + `refit_head` is a
+   cheap re-fit of a shipped bundle to new chunking (its VQ head is the starting head);
+5. a model bundle (engine.model_bundle) with validation metrics in its manifest.
+Every setting is selected on the validation split; the test split is only ever reported.
 Checkpoints (safetensors + JSON, optimizer state included) every `checkpoint_every` steps;
 re-running the same command resumes from the last one and ends with identical weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -32,11 +38,17 @@ from engine.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenize
 from engine.calibrate import calibrate
 from engine.chunks import ChunkPolicy
 from engine.codebooks import BUNDLES_DIR, load_bundle
-from engine.dense_baseline import CACHE_DIR, cached_doc_vectors, fit_dense_head
+from engine.dense_baseline import (
+    CACHE_DIR,
+    L2_GRID,
+    REFIT_L2_GRID,
+    cached_doc_vectors,
+    fit_dense_head,
+)
 from engine.device import resolve_device
 from engine.labelled_datasets import LabelledDataset, load_dataset
 from engine.minilm import load_minilm
-from engine.model_bundle import save_model_bundle
+from engine.model_bundle import load_heads, read_manifest, save_model_bundle
 from engine.train_data import DocChunks, chunk_documents, pad_chunks
 from engine.vq_training import TrainableVQ, distillation_kl, document_pool
 
@@ -52,6 +64,7 @@ class TrainConfig:
     keep: str = "head"  # which end of a long document is kept: "head" or "tail"
     train_docs: int | None = None  # subsample of the train split (None = all)
     init: str = "task"  # "task": k-means on training texts; else a codebook bundle name/dir
+    # (a model bundle also gives the starting VQ head: QAT or a head refit continues from it)
     calib_tokens: int = 20_000
     calib_iters: int = 15
     steps: int = 150
@@ -67,7 +80,10 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int = 50
     checkpoint_dir: str | None = None  # default .incstream/checkpoints/<bundle name>
-    cache_dir: str = str(CACHE_DIR)  # dense document vectors
+    cache_dir: str = str(CACHE_DIR)  # dense document vectors (VQ ones under <cache_dir>/vq)
+    # after QAT: logistic-regression VQ head on VQ document vectors (part of the identity: it
+    # also picks the L2 grid of the dense head, the distillation teacher)
+    refit_head: bool = False
 
     def bundle_path(self) -> Path:
         if self.out:
@@ -86,6 +102,9 @@ class TrainConfig:
         for key in ("steps", "out", "checkpoint_every", "checkpoint_dir", "device", "cache_dir"):
             d.pop(key)
         return d
+
+    def l2_grid(self) -> tuple[float, ...]:
+        return REFIT_L2_GRID if self.refit_head else L2_GRID
 
 
 @dataclass
@@ -198,17 +217,56 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(-1).cpu() == y).float().mean())
 
 
-def vq_doc_logits(model: TrainableVQ, docs: list[DocChunks], batch: int = 4) -> torch.Tensor:
-    """Float32 VQ logits of documents with the training twin (fast validation)."""
+def vq_doc_vectors(model: TrainableVQ, docs: list[DocChunks], batch: int = 4,
+                   progress: bool = False) -> torch.Tensor:
+    """(N, C) float32 VQ document vectors (before the head) with the training twin."""
     dev = model.codebooks.device
     out = []
     with torch.no_grad():
-        for i in range(0, len(docs), batch):
+        for i in tqdm(range(0, len(docs), batch), desc="vq embeddings", disable=not progress,
+                      leave=False):
             part = docs[i : i + batch]
             ids, mask, counts, doc_index = batch_tensors(part, dev)
             enc = model.encode(ids, mask, quantize=True)
-            out.append(model.head(document_pool(enc.pooled, counts, doc_index, len(part))))
-    return torch.cat(out).cpu()
+            out.append(document_pool(enc.pooled, counts, doc_index, len(part)).cpu())
+    return torch.cat(out)
+
+
+def cached_vq_doc_vectors(model: TrainableVQ, docs: list[DocChunks], tag: str, cache_dir: Path,
+                          progress: bool = False) -> torch.Tensor:
+    """vq_doc_vectors, cached under <cache_dir>/vq by (tag, codebooks, every chunk's ids)."""
+    digest = hashlib.sha256(tag.encode())
+    digest.update(model.codebooks.detach().float().cpu().contiguous().numpy().tobytes())
+    for doc in docs:
+        for c in doc.chunks:
+            digest.update(c.numpy().tobytes())
+        digest.update(b"|")
+    path = Path(cache_dir) / "vq" / f"{digest.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        return load_file(str(path))["vectors"]
+    vecs = vq_doc_vectors(model, docs, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"vectors": vecs.contiguous()}, str(path))
+    return vecs
+
+
+def vq_doc_logits(model: TrainableVQ, docs: list[DocChunks], batch: int = 4) -> torch.Tensor:
+    """Float32 VQ logits of documents with the training twin (fast validation)."""
+    with torch.no_grad():
+        return model.head(vq_doc_vectors(model, docs, batch).to(model.codebooks.device)).cpu()
+
+
+def init_head(init: str, n_labels: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    """The VQ head and the `trained` record of a model bundle named by `init`, if it is one."""
+    try:
+        path, manifest = read_manifest(init)
+    except (FileNotFoundError, ValueError):
+        return None  # "task", or a codebooks-only bundle
+    head, _ = load_heads(path)
+    if head.weight.shape[0] != n_labels:
+        return None
+    return head.weight.float(), head.bias.float(), {"bundle": manifest.get("name", init),
+                                                    "trained": manifest.get("trained")}
 
 
 def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
@@ -237,7 +295,8 @@ def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
     cache = Path(cfg.cache_dir)
     x_train = cached_doc_vectors(base, train_docs, tag, cache, progress=progress)
     x_val = cached_doc_vectors(base, val_docs, tag, cache, progress=progress)
-    dense_w, dense_b, dense_info = fit_dense_head(x_train, y_train, x_val, y_val, n_labels)
+    dense_w, dense_b, dense_info = fit_dense_head(x_train, y_train, x_val, y_val, n_labels,
+                                                  cfg.l2_grid())
     dense_val_acc = dense_info["val_acc"]
 
     # 2. codebooks: a checkpoint, or k-means init
@@ -255,9 +314,10 @@ def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
         c = base.config
         codebooks = torch.zeros(c.layers, c.heads, cfg.k, c.head_dim)
     model = TrainableVQ(base, codebooks, n_labels).to(dev)
+    start_head = None if cfg.init == "task" else init_head(cfg.init, n_labels)
     with torch.no_grad():
-        model.head.weight.copy_(dense_w)
-        model.head.bias.copy_(dense_b)
+        model.head.weight.copy_(dense_w if start_head is None else start_head[0])
+        model.head.bias.copy_(dense_b if start_head is None else start_head[1])
     dense_w, dense_b = dense_w.to(dev), dense_b.to(dev)
     opt = torch.optim.AdamW([
         {"params": [model.codebooks], "lr": cfg.lr_codebooks, "weight_decay": 0.0},
@@ -290,11 +350,39 @@ def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
             save_checkpoint(ckpt, model, opt, done, cfg, losses,
                             {"vq_init_val_acc": vq_init_val_acc})
 
-    # 4. bundle
+    # 4. optional head refit on the (final) VQ document vectors, L2 picked on validation
+    refit_info = None
+    if cfg.refit_head:
+        before = accuracy(vq_doc_logits(model, val_docs), y_val)
+        v_train = cached_vq_doc_vectors(model, train_docs, tag, cache, progress)
+        v_val = cached_vq_doc_vectors(model, val_docs, tag, cache, progress)
+        vq_w, vq_b, refit_info = fit_dense_head(v_train, y_train, v_val, y_val, n_labels,
+                                                cfg.l2_grid())
+        refit_info["val_acc_before_refit"] = before
+        with torch.no_grad():
+            model.head.weight.copy_(vq_w)
+            model.head.bias.copy_(vq_b)
+
+    # 5. bundle
     vq_val_acc = accuracy(vq_doc_logits(model, val_docs), y_val)
     metrics = {"validation": {"n": len(val_docs), "acc_dense": dense_val_acc,
                               "acc_vq_init": vq_init_val_acc, "acc_vq": vq_val_acc}}
     seconds = time.time() - started
+    trained = {"what": "codebooks and linear head; base encoder frozen",
+               "dense_head": f"logistic regression, L2={dense_info['l2']} (val-picked)",
+               "dense_head_selection": dense_info["grid"],
+               "selection": "every setting (L2 of both heads, steps, options) was chosen on the "
+                            "validation split; the test split is only reported",
+               "train_docs": len(train_docs), "steps": cfg.steps,
+               "device": str(dev), "torch_threads": torch.get_num_threads(),
+               "seconds": round(seconds, 1), "config": asdict(cfg)}
+    if refit_info is not None:
+        trained["vq_head"] = (f"refitted: logistic regression on VQ document vectors, "
+                              f"L2={refit_info['l2']} (val-picked)")
+        trained["vq_head_selection"] = refit_info["grid"]
+        metrics["validation"]["acc_vq_before_refit"] = refit_info["val_acc_before_refit"]
+    if start_head is not None:
+        trained["init_from"] = start_head[2]
     manifest = {
         "name": cfg.bundle_path().name,
         "base_model": cfg.base_model,
@@ -306,10 +394,7 @@ def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
         "chunking": {"chunk_tokens": cfg.chunk_tokens, "max_doc_tokens": cfg.max_doc_tokens,
                      "keep": cfg.keep,
                      "pooling": "token-count-weighted mean of chunk mean-pools"},
-        "trained": {"what": "codebooks and linear head; base encoder frozen",
-                    "dense_head": f"logistic regression, L2={dense_info['l2']} (val-picked)",
-                    "train_docs": len(train_docs), "steps": cfg.steps,
-                    "device": str(dev), "seconds": round(seconds, 1), "config": asdict(cfg)},
+        "trained": trained,
         "dataset": {"name": data.name, "load": cfg.dataset, "licence": data.licence,
                     "source": data.source},
         "metrics": metrics,

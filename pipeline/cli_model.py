@@ -38,7 +38,8 @@ def _threads(threads: int | None) -> None:
 @click.option("--train-docs", type=click.IntRange(1), default=None,
               help="Use a seeded subsample of N training documents.")
 @click.option("--init", default="task", show_default=True,
-              help="'task' (k-means on the training texts) or a codebook bundle name/dir.")
+              help="'task' (k-means on the training texts) or a codebook bundle name/dir (a "
+                   "model bundle also gives the starting VQ head, so QAT continues from it).")
 @click.option("--calib-tokens", type=click.IntRange(1), default=20_000, show_default=True)
 @click.option("--lr-codebooks", type=float, default=3e-4, show_default=True)
 @click.option("--lr-head", type=float, default=1e-3, show_default=True)
@@ -47,6 +48,11 @@ def _threads(threads: int | None) -> None:
 @click.option("--w-hidden", type=float, default=1.0, show_default=True,
               help="Weight of the last-hidden-state MSE to the dense model.")
 @click.option("--w-codebook", type=float, default=0.25, show_default=True)
+@click.option("--refit-head", is_flag=True,
+              help="After QAT, refit the VQ head as a logistic regression on VQ document vectors "
+                   "(L2 picked on validation; the dense head gets the same finer L2 grid). With "
+                   "--init BUNDLE --steps 0: re-fit a trained bundle's heads to the current "
+                   "chunking without training codebooks.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=50, show_default=True)
@@ -59,7 +65,8 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
                   max_doc_tokens: int, keep: str, train_docs: int | None, init: str,
                   calib_tokens: int,
                   lr_codebooks: float, lr_head: float, w_kd: float, w_hidden: float,
-                  w_codebook: float, seed: int, device: str, checkpoint_every: int,
+                  w_codebook: float, refit_head: bool, seed: int, device: str,
+                  checkpoint_every: int,
                   checkpoint_dir: Path | None, threads: int | None, quiet: bool) -> None:
     """Train a VQ classifier (codebooks + head, QAT with distillation) and write its bundle."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,7 +78,8 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
         batch_docs=batch_docs, max_doc_tokens=max_doc_tokens or None, keep=keep,
         train_docs=train_docs,
         init=init, calib_tokens=calib_tokens, lr_codebooks=lr_codebooks, lr_head=lr_head,
-        w_kd=w_kd, w_hidden=w_hidden, w_codebook=w_codebook, seed=seed, device=device,
+        w_kd=w_kd, w_hidden=w_hidden, w_codebook=w_codebook, refit_head=refit_head,
+        seed=seed, device=device,
         checkpoint_every=checkpoint_every,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
     result = train(cfg, progress=not quiet)
@@ -88,7 +96,10 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
               show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="First N documents only.")
 @click.option("--incremental-docs", type=click.IntRange(0), default=None,
-              help="Replay edit histories for the first N documents only [default: all].")
+              help="Replay edit histories for N evenly spaced documents only [default: all].")
+@click.option("--chunk-tokens", type=click.IntRange(4, 512), default=None,
+              help="Rows per chunk at inference (ChunkPolicy(max_tokens=N)) [default: the "
+                   "bundle's training setting].")
 @click.option("--max-doc-tokens", type=click.IntRange(0), default=None,
               help="First N tokens of each document [default: the bundle's training setting; "
                    "0 = whole documents].")
@@ -100,12 +111,15 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
               required=True, help="Write {datasets: [...]} here.")
 @click.option("--quiet", is_flag=True)
 def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit: int | None,
-                 incremental_docs: int | None, max_doc_tokens: int | None, device: str,
+                 incremental_docs: int | None, chunk_tokens: int | None,
+                 max_doc_tokens: int | None, device: str,
                  threads: int | None, update_manifest: bool, json_out: Path,
                  quiet: bool) -> None:
     """Test accuracy (and macro-F1) of the dense, VQ and incrementally reached VQ answers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _threads(threads)
+    import torch
+
     from engine.base_model import load_tokenizer
     from engine.evaluate import evaluate_dataset
     from engine.labelled_datasets import load_dataset
@@ -119,11 +133,15 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
         chunking = manifest["chunking"]
         tokens = chunking["max_doc_tokens"] if max_doc_tokens is None else max_doc_tokens or None
         row = evaluate_dataset(model, dense_head, load_tokenizer(manifest["base_model"]), data,
-                               chunk_tokens=chunking["chunk_tokens"], max_doc_tokens=tokens,
+                               chunk_tokens=chunk_tokens or chunking["chunk_tokens"],
+                               max_doc_tokens=tokens,
                                keep=chunking.get("keep", "head"),
                                limit=limit, incremental_docs=incremental_docs,
                                progress=not quiet)
         row["model"] = manifest["name"]
+        row["chunk_tokens"] = chunk_tokens or chunking["chunk_tokens"]
+        row["device"] = str(model.device)
+        row["torch_threads"] = torch.get_num_threads()
         results.append(row)
         if update_manifest:
             path, fresh = read_manifest(name)

@@ -166,3 +166,72 @@ def test_edit_history_rebuilds_text() -> None:
     for ops in history:
         cur, _ = apply_ops(cur, ops)
     assert cur == text and len(history) >= 3
+
+
+def test_refit_head_from_bundle(workdir: Path, trained) -> None:
+    """--init BUNDLE --steps 0 --refit-head: same codebooks, a logistic VQ head picked on
+    validation, and the bundle's history kept in the manifest."""
+    from engine.dense_baseline import REFIT_L2_GRID
+
+    cfg = tiny_config(workdir, out=str(workdir / "refit"), init=str(trained.bundle), steps=0,
+                      refit_head=True, checkpoint_dir=str(workdir / "refit-ck"))
+    result = train(cfg, progress=False)
+    a = load_file(str(trained.bundle / "codebooks.safetensors"))["codebooks"]
+    b = load_file(str(result.bundle / "codebooks.safetensors"))["codebooks"]
+    assert torch.equal(a, b)
+    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    tr = manifest["trained"]
+    assert "refitted" in tr["vq_head"] and "validation" in tr["selection"]
+    assert [g["l2"] for g in tr["vq_head_selection"]] == list(REFIT_L2_GRID)
+    assert [g["l2"] for g in tr["dense_head_selection"]] == list(REFIT_L2_GRID)
+    assert tr["init_from"]["trained"]["steps"] == 6 and tr["torch_threads"] >= 1
+    val = manifest["metrics"]["validation"]
+    assert "acc_vq_before_refit" in val and 0.0 <= val["acc_vq"] <= 1.0
+    head = load_file(str(result.bundle / "head.safetensors"))
+    old = load_file(str(trained.bundle / "head.safetensors"))
+    assert not torch.equal(head["weight"], old["weight"])
+    assert head["weight"].shape == old["weight"].shape  # the bundle format is unchanged
+
+
+def test_fit_head_picks_on_validation() -> None:
+    from engine.dense_baseline import fit_dense_head
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=gen)
+    y = (x[:, 0] > 0).long()
+    vx = torch.randn(20, 5, generator=gen)
+    vy = (vx[:, 0] > 0).long()
+    w, b, info = fit_dense_head(x, y, vx, vy, 2, grid=(1e-3, 1e-1))
+    assert info["l2"] in (1e-3, 1e-1) and len(info["grid"]) == 2
+    best = max(info["grid"], key=lambda g: (g["val_acc"], -g["val_ce"]))
+    assert best["l2"] == info["l2"] and w.shape == (2, 5) and b.shape == (2,)
+
+
+def test_vq_vector_cache(workdir: Path, trained) -> None:
+    from engine.base_model import base_model_path, load_tokenizer
+    from engine.chunks import ChunkPolicy
+    from engine.minilm import load_minilm
+    from engine.train import cached_vq_doc_vectors, vq_doc_vectors
+    from engine.train_data import chunk_documents
+    from engine.vq_training import TrainableVQ
+
+    codes = load_file(str(trained.bundle / "codebooks.safetensors"))["codebooks"]
+    twin = TrainableVQ(load_minilm(base_model_path(), torch.float32), codes, 2)
+    docs = chunk_documents(load_tokenizer(), POS[:3], ChunkPolicy(), 48)
+    first = cached_vq_doc_vectors(twin, docs, "t", workdir / "vqcache")
+    again = cached_vq_doc_vectors(twin, docs, "t", workdir / "vqcache")
+    assert torch.equal(first, again) and len(list((workdir / "vqcache" / "vq").iterdir())) == 1
+    torch.testing.assert_close(first, vq_doc_vectors(twin, docs))
+
+
+def test_eval_chunk_tokens_option(workdir: Path, trained) -> None:
+    from pipeline.cli_model import eval_command
+
+    out = workdir / "eval-chunk.json"
+    res = CliRunner().invoke(eval_command, ["--model", str(trained.bundle), "--limit", "4",
+                                            "--chunk-tokens", "16", "--incremental-docs", "1",
+                                            "--json", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.read_text())["datasets"][0]
+    assert row["chunk_tokens"] == 16 and row["n_test"] == 4
+    assert row["incremental_agreement"] == 1.0
