@@ -33,3 +33,16 @@ def test_default_bundle_classifies() -> None:
     bad = classify_text(model, tok, "A dull, tedious mess. The plot is stupid, the acting is "
                                     "awful and it is far too long. Avoid.")
     assert good["label"] == "positive" and bad["label"] == "negative"
+
+
+def test_shipped_bundles_meet_the_accuracy_target() -> None:
+    """VQ test accuracy within 1 point of the dense baseline (frozen encoder + logistic head),
+    every setting chosen on validation; incremental answers equal one-shot VQ answers."""
+    for name in (DEFAULT_MODEL, "news-outlets-minilm-vq64"):
+        _, manifest = read_manifest(name)
+        test = manifest["metrics"]["test"]
+        assert test["acc_vq"] >= test["acc_dense"] - 0.01, name
+        assert test["incremental_agreement"] == 1.0, name
+        assert test["n_incremental"] == test["n_test"], name
+        assert "validation" in manifest["trained"]["selection"]
+        assert manifest["trained"]["device"] == "cpu" and manifest["trained"]["torch_threads"] >= 1
