@@ -77,8 +77,11 @@ def cut_scores(ids: Sequence[int], continues_word: torch.Tensor | None = None) -
 def cut_candidates(ids: Sequence[int], cut_every: int,
                    continues_word: torch.Tensor | None = None) -> list[int]:
     """Token indices c (1 <= c < n) before which a content-defined cut may fall, ascending."""
-    h = cut_scores(ids, continues_word)
-    return torch.nonzero((h % cut_every == 0) & (h < _PRIME)).flatten().tolist()
+    return _candidates(cut_scores(ids, continues_word), cut_every)
+
+
+def _candidates(scores: torch.Tensor, cut_every: int) -> list[int]:
+    return torch.nonzero((scores % cut_every == 0) & (scores < _PRIME)).flatten().tolist()
 
 
 def chunk_lengths(ids: Sequence[int], policy: ChunkPolicy,
@@ -93,8 +96,7 @@ def chunk_lengths(ids: Sequence[int], policy: ChunkPolicy,
     if n <= policy.max_content:
         return [n]
     scores = cut_scores(ids, continues_word)
-    candidates = torch.nonzero((scores % policy.cut_spacing == 0)
-                               & (scores < _PRIME)).flatten().tolist()
+    candidates = _candidates(scores, policy.cut_spacing)
     lengths: list[int] = []
     start = 0
     while n - start > policy.max_content:
