@@ -141,8 +141,8 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) ->
 def embed(w: MiniLMWeights, token_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Layer-0 input (n, C): LN(word + position + segment-0). Lookups, no MACs.
 
-    Depends only on (token, position) of the same row, which is why stable position ids make an
-    insertion change only the inserted rows here.
+    Depends only on (token, position) of the same row: an edit changes here the inserted rows
+    and the rows whose canonical position moved (those after it in the same chunk).
     """
     x = w.word[token_ids] + w.position[position_ids] + w.token_type0
     return layer_norm(x, w.emb_ln_w, w.emb_ln_b, w.config.layer_norm_eps)
