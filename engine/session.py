@@ -75,8 +75,10 @@ def common_ends(old: Sequence[int], new: Sequence[int]) -> tuple[int, int]:
 
 
 def update_chunk(model: VQModel, acts: ChunkActivations, content: Sequence[int],
+                 prefix: int, suffix: int,
                  macs: MacCounter) -> tuple[ChunkActivations, ChunkUpdate]:
-    """Bring a chunk to new `content` incrementally (one splice: common prefix and suffix kept).
+    """Bring a chunk to new `content` incrementally: one splice, keeping the first `prefix` and
+    last `suffix` content tokens (engine.session.common_ends of old and new content).
 
     Position ids stay canonical, so rows after the splice move to new positions when the splice
     changes the length: they count as changed at layer 0, like the inserted rows. Rows before
@@ -84,8 +86,6 @@ def update_chunk(model: VQModel, acts: ChunkActivations, content: Sequence[int],
     """
     dev = model.device
     ids_old = acts.token_ids
-    old_content = ids_old[1:-1].tolist()
-    prefix, suffix = common_ends(old_content, content)
     n_old = len(ids_old)
     r0 = prefix + 1  # first replaced row ([CLS] is row 0)
     r1 = n_old - 1 - suffix  # end of the replaced rows in the old chunk
@@ -206,12 +206,16 @@ class DocumentSession:
         for start, n in zip(*self._layout(ids), strict=True):
             content = ids[start : start + n]
             old = by_new_start.get(start)
-            if old is not None and old.token_ids[1:-1].tolist() == list(content):
+            old_content = old.token_ids[1:-1].tolist() if old is not None else None
+            if old_content == content:
                 new_chunks.append(old)
                 continue
             touched.append(len(new_chunks))
-            if old is not None and self._worth_updating(old, content):
-                acts, update = update_chunk(self.model, old, content, self.macs)
+            prefix, suffix = common_ends(old_content or [], content)
+            # Update in place when some rows keep their layer-0 input, else rebuild the chunk.
+            kept = prefix + (suffix if old_content and len(old_content) == n else 0)
+            if old is not None and kept >= max(1, n // 8):
+                acts, update = update_chunk(self.model, old, content, prefix, suffix, self.macs)
             else:
                 acts = self._build(content)
                 update = ChunkUpdate([len(acts.token_ids)] * self.model.cfg.layers, 0, True)
@@ -219,14 +223,6 @@ class DocumentSession:
             updates.append(update)
         self.chunks = new_chunks
         return touched, updates
-
-    @staticmethod
-    def _worth_updating(old: ChunkActivations, content: Sequence[int]) -> bool:
-        """Update in place when some rows keep their layer-0 input, else rebuild the chunk."""
-        old_content = old.token_ids[1:-1].tolist()
-        prefix, suffix = common_ends(old_content, content)
-        kept = prefix + (suffix if len(old_content) == len(content) else 0)
-        return kept >= max(1, len(content) // 8)
 
     # ----- checking
     def reference_check(self, indices: Sequence[int] | None = None) -> dict[str, float]:
