@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,15 +46,22 @@ def doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks],
 def cached_doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks], tag: str,
                        cache_dir: Path = CACHE_DIR, progress: bool = False) -> torch.Tensor:
     """doc_vectors, cached on disk by (tag, token ids of every chunk)."""
+    return cached_vectors(Path(cache_dir), tag, docs, lambda: doc_vectors(weights, docs, progress))
+
+
+def cached_vectors(cache_dir: Path, tag: str, docs: Sequence[DocChunks],
+                   compute: Callable[[], torch.Tensor], salt: bytes = b"") -> torch.Tensor:
+    """`compute()`'s (N, C) vectors, cached in cache_dir by (tag, salt, every chunk's ids)."""
     digest = hashlib.sha256(tag.encode())
+    digest.update(salt)
     for doc in docs:
         for c in doc.chunks:
             digest.update(c.numpy().tobytes())
         digest.update(b"|")
-    path = Path(cache_dir) / f"{digest.hexdigest()[:24]}.safetensors"
+    path = cache_dir / f"{digest.hexdigest()[:24]}.safetensors"
     if path.exists():
         return load_file(str(path))["vectors"]
-    vecs = doc_vectors(weights, docs, progress)
+    vecs = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"vectors": vecs.contiguous()}, str(path))
     path.with_suffix(".json").write_text(json.dumps({"tag": tag, "n": len(docs)}) + "\n")

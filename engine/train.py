@@ -22,7 +22,6 @@ re-running the same command resumes from the last one and ends with identical we
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -43,6 +42,7 @@ from engine.dense_baseline import (
     L2_GRID,
     REFIT_L2_GRID,
     cached_doc_vectors,
+    cached_vectors,
     fit_dense_head,
 )
 from engine.device import resolve_device
@@ -235,19 +235,9 @@ def vq_doc_vectors(model: TrainableVQ, docs: list[DocChunks], batch: int = 4,
 def cached_vq_doc_vectors(model: TrainableVQ, docs: list[DocChunks], tag: str, cache_dir: Path,
                           progress: bool = False) -> torch.Tensor:
     """vq_doc_vectors, cached under <cache_dir>/vq by (tag, codebooks, every chunk's ids)."""
-    digest = hashlib.sha256(tag.encode())
-    digest.update(model.codebooks.detach().float().cpu().contiguous().numpy().tobytes())
-    for doc in docs:
-        for c in doc.chunks:
-            digest.update(c.numpy().tobytes())
-        digest.update(b"|")
-    path = Path(cache_dir) / "vq" / f"{digest.hexdigest()[:24]}.safetensors"
-    if path.exists():
-        return load_file(str(path))["vectors"]
-    vecs = vq_doc_vectors(model, docs, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"vectors": vecs.contiguous()}, str(path))
-    return vecs
+    codebooks = model.codebooks.detach().float().cpu().contiguous().numpy().tobytes()
+    return cached_vectors(Path(cache_dir) / "vq", tag, docs,
+                          lambda: vq_doc_vectors(model, docs, progress=progress), salt=codebooks)
 
 
 def vq_doc_logits(model: TrainableVQ, docs: list[DocChunks], batch: int = 4) -> torch.Tensor:
