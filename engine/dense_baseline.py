@@ -46,12 +46,15 @@ def doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks],
 def cached_doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks], tag: str,
                        cache_dir: Path = CACHE_DIR, progress: bool = False) -> torch.Tensor:
     """doc_vectors, cached on disk by (tag, token ids of every chunk)."""
-    return cached_vectors(Path(cache_dir), tag, docs, lambda: doc_vectors(weights, docs, progress))
+    return cached_vectors(Path(cache_dir), tag, docs, lambda: doc_vectors(weights, docs, progress),
+                          describe=True)
 
 
 def cached_vectors(cache_dir: Path, tag: str, docs: Sequence[DocChunks],
-                   compute: Callable[[], torch.Tensor], salt: bytes = b"") -> torch.Tensor:
-    """`compute()`'s (N, C) vectors, cached in cache_dir by (tag, salt, every chunk's ids)."""
+                   compute: Callable[[], torch.Tensor], salt: bytes = b"",
+                   describe: bool = False) -> torch.Tensor:
+    """`compute()`'s (N, C) vectors, cached in cache_dir by (tag, salt, every chunk's ids);
+    `describe` also writes a JSON sidecar saying what the file holds."""
     digest = hashlib.sha256(tag.encode())
     digest.update(salt)
     for doc in docs:
@@ -64,7 +67,8 @@ def cached_vectors(cache_dir: Path, tag: str, docs: Sequence[DocChunks],
     vecs = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"vectors": vecs.contiguous()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps({"tag": tag, "n": len(docs)}) + "\n")
+    if describe:
+        path.with_suffix(".json").write_text(json.dumps({"tag": tag, "n": len(docs)}) + "\n")
     return vecs
 
 
