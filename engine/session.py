@@ -24,6 +24,8 @@ import torch
 
 from engine.chunks import ChunkPolicy, chunk_lengths, offsets, word_continuation_mask
 from engine.edit_tokenizer import TokenEdit, apply_text_change, tokenize
+from engine.fast_chunk import FastChunk, FastUpdate, build_fast_chunk, update_fast_chunk
+from engine.fast_mode import FastModeConfig, fast_weights
 from engine.head import document_pooled
 from engine.incremental_attention import update_layer
 from engine.macs import MacCounter
@@ -116,15 +118,74 @@ def update_chunk(model: VQModel, acts: ChunkActivations, content: Sequence[int],
     return ChunkActivations(ids, pos, layers, x), report
 
 
+class ExactChunks:
+    """Exact mode: every chunk equals a fresh build of its tokens (float64, canonical ids)."""
+
+    name = "exact"
+
+    def __init__(self, model: VQModel):
+        self.model = model
+
+    def build(self, ids: torch.Tensor, macs: MacCounter) -> ChunkActivations:
+        return self.model.forward(ids, torch.arange(len(ids)), macs)
+
+    def update(self, chunk: ChunkActivations, content: Sequence[int], prefix: int, suffix: int,
+               macs: MacCounter) -> tuple[ChunkActivations, ChunkUpdate] | None:
+        """The incremental update, or None when rebuilding the chunk is the better deal."""
+        n = len(content)
+        old_n = len(chunk.token_ids) - 2
+        # Update in place when some rows keep their layer-0 input, else rebuild the chunk.
+        kept = prefix + (suffix if old_n == n else 0)
+        if kept < max(1, n // 8):
+            return None
+        return update_chunk(self.model, chunk, content, prefix, suffix, macs)
+
+
+class FastChunks:
+    """Fast mode (engine.fast_mode): stable ids, held codes and contexts, refresh budgets."""
+
+    name = "fast"
+
+    def __init__(self, model: VQModel, config: FastModeConfig):
+        self.fw = fast_weights(model)
+        self.config = config
+
+    def build(self, ids: torch.Tensor, macs: MacCounter) -> FastChunk:
+        return build_fast_chunk(self.fw, ids, macs)
+
+    def update(self, chunk: FastChunk, content: Sequence[int], prefix: int, suffix: int,
+               macs: MacCounter) -> tuple[FastChunk, FastUpdate] | None:
+        cfg = self.config
+        if ((cfg.refresh_edits and chunk.edits + 1 >= cfg.refresh_edits)
+                or (cfg.refresh_displacement and chunk.displacement > cfg.refresh_displacement)):
+            return None  # refresh: rebuild canonically
+        if prefix + suffix == 0:
+            return None  # nothing kept
+        return update_fast_chunk(self.fw, cfg, chunk, content, prefix, suffix, macs)
+
+
+def chunk_mode(model: VQModel, mode: str | FastModeConfig | None) -> ExactChunks | FastChunks:
+    """"exact" (default), "fast" (default dial) or a FastModeConfig."""
+    if mode is None or mode == "exact":
+        return ExactChunks(model)
+    if mode == "fast":
+        return FastChunks(model, FastModeConfig())
+    if isinstance(mode, FastModeConfig):
+        return FastChunks(model, mode)
+    raise ValueError(f"unknown engine mode {mode!r} (exact or fast)")
+
+
 class DocumentSession:
     """Incremental VQ inference state of one document."""
 
     def __init__(self, model: VQModel, tokenizer: Any, text: str = "",
-                 policy: ChunkPolicy | None = None, macs: MacCounter | None = None):
+                 policy: ChunkPolicy | None = None, macs: MacCounter | None = None,
+                 mode: str | FastModeConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.policy = policy or ChunkPolicy()
         self.macs = macs if macs is not None else MacCounter()
+        self.engine = chunk_mode(model, mode)
         self.cls_id = tokenizer.cls_token_id
         self.sep_id = tokenizer.sep_token_id
         self.tokens = tokenize(tokenizer, text)
@@ -177,8 +238,13 @@ class DocumentSession:
         delta = {k: after[k] - before[k] for k in after}
         return EditReport(edit, delta, touched, updates, time.perf_counter() - started)
 
-    def _build(self, content: Sequence[int]) -> ChunkActivations:
-        return build_chunk(self.model, self.cls_id, self.sep_id, content, self.macs)
+    @property
+    def mode(self) -> str:
+        return self.engine.name
+
+    def _build(self, content: Sequence[int]) -> ChunkActivations | FastChunk:
+        ids = torch.tensor([self.cls_id, *content, self.sep_id], dtype=torch.long)
+        return self.engine.build(ids, self.macs)
 
     def apply_token_edit(self, edit: TokenEdit) -> tuple[list[int], list[ChunkUpdate]]:
         """Re-cut the edited tokens and bring each chunk up to date, reusing what is unchanged.
@@ -212,10 +278,10 @@ class DocumentSession:
                 continue
             touched.append(len(new_chunks))
             prefix, suffix = common_ends(old_content or [], content)
-            # Update in place when some rows keep their layer-0 input, else rebuild the chunk.
-            kept = prefix + (suffix if old_content and len(old_content) == n else 0)
-            if old is not None and kept >= max(1, n // 8):
-                acts, update = update_chunk(self.model, old, content, prefix, suffix, self.macs)
+            done = (self.engine.update(old, content, prefix, suffix, self.macs)
+                    if old is not None else None)
+            if done is not None:
+                acts, update = done
             else:
                 acts = self._build(content)
                 update = ChunkUpdate([len(acts.token_ids)] * self.model.cfg.layers, 0, True)
@@ -226,31 +292,47 @@ class DocumentSession:
 
     # ----- checking
     def reference_check(self, indices: Sequence[int] | None = None) -> dict[str, float]:
-        """Compare chunks with a dense VQ forward on their current token ids.
+        """Compare the session with an independent fresh exact build of its current TEXT.
 
-        Returns max |logit diff| over the chunks' logits (and the document logits when all
-        chunks are checked), code mismatches, codes compared, and whether the chunk layout
-        differs from the one a fresh build of the current text gets. Counts no MACs.
+        The reference takes nothing from the session but the text: it tokenizes the text again,
+        cuts the tokens into chunks again and runs the dense VQ forward (float64, canonical
+        position ids 0..n-1) on each chunk. Compared: token ids, chunk layout, each checked
+        chunk's token ids, position ids and codes, its logits, and (when every chunk is checked)
+        the document logits. `indices` picks chunks (default: all). Counts no MACs.
+        In exact mode everything must agree (logits within 1e-9); in fast mode this measures the
+        divergence.
         """
-        indices = range(len(self.chunks)) if indices is None else indices
         scratch = MacCounter()
-        max_diff = 0.0
-        mismatches = checked = 0
+        fresh_ids = tokenize(self.tokenizer, self.text).ids
+        fresh_lengths = chunk_lengths(fresh_ids, self.policy, self.continues_word)
+        fresh_starts = offsets(fresh_lengths)
+        result = {"token_mismatch": int(fresh_ids != list(self.tokens.ids)),
+                  "layout_mismatch": int(fresh_lengths != self.chunk_lengths),
+                  "row_id_mismatches": 0, "position_mismatches": 0, "code_mismatches": 0,
+                  "codes_checked": 0, "max_abs_logit_diff": 0.0}
+        if result["layout_mismatch"]:
+            indices = []
+        indices = range(len(self.chunks)) if indices is None else indices
         fresh_pooled = {}
         for i in indices:
-            acts = self.chunks[i]
-            ref = self.model.forward(acts.token_ids, acts.position_ids, scratch)
-            for mine, theirs in zip(acts.layers, ref.layers, strict=True):
-                mismatches += int((mine.codes != theirs.codes).sum())
-                checked += mine.codes.numel()
-            diff = (self.model.head.logits(acts.pooled) - self.model.head.logits(ref.pooled))
-            max_diff = max(max_diff, float(diff.abs().max()))
+            mine = self.chunks[i]
+            start, n = fresh_starts[i], fresh_lengths[i]
+            ids = torch.tensor([self.cls_id, *fresh_ids[start : start + n], self.sep_id])
+            ref = self.model.forward(ids, torch.arange(len(ids)), scratch)
+            result["row_id_mismatches"] += int((mine.token_ids.cpu() != ids).sum())
+            result["position_mismatches"] += int(
+                (mine.position_ids.cpu() != torch.arange(len(ids))).sum())
+            for a, b in zip(mine.layers, ref.layers, strict=True):
+                result["code_mismatches"] += int((a.codes.long() != b.codes).sum())
+                result["codes_checked"] += b.codes.numel()
+            diff = self.model.head.logits(mine.pooled) - self.model.head.logits(ref.pooled)
+            result["max_abs_logit_diff"] = max(result["max_abs_logit_diff"],
+                                               float(diff.abs().max()))
             fresh_pooled[i] = ref.pooled
-        if len(fresh_pooled) == len(self.chunks):
-            ref_doc = document_pooled([fresh_pooled[i] for i in range(len(self.chunks))],
-                                      [len(c.token_ids) for c in self.chunks])
+        if not result["layout_mismatch"] and len(fresh_pooled) == len(fresh_lengths):
+            ref_doc = document_pooled([fresh_pooled[i] for i in range(len(fresh_lengths))],
+                                      [n + 2 for n in fresh_lengths])
             diff = self.logits() - self.model.head.logits(ref_doc)
-            max_diff = max(max_diff, float(diff.abs().max()))
-        layout_ok = self.chunk_lengths == self._layout(self.tokens.ids)[1]
-        return {"max_abs_logit_diff": max_diff, "code_mismatches": mismatches,
-                "codes_checked": checked, "layout_mismatch": int(not layout_ok)}
+            result["max_abs_logit_diff"] = max(result["max_abs_logit_diff"],
+                                               float(diff.abs().max()))
+        return result

@@ -1,22 +1,15 @@
-"""Incremental state == dense VQ forward after every edit (same codes, logits within 1e-4)."""
+"""Incremental state == a fresh build of the current text after every edit (same tokens, layout,
+positions and codes; logits within 1e-9)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from engine_streams import stream_docs
+from exactness import assert_exact
 
 from engine.chunks import ChunkPolicy
 from engine.session import DocumentSession
-
-TOL = 1e-4
-
-
-def assert_exact(session: DocumentSession, indices=None) -> None:
-    check = session.reference_check(indices)
-    assert check["code_mismatches"] == 0, check
-    assert check["max_abs_logit_diff"] <= TOL, check
-    assert check["layout_mismatch"] == 0, check
 
 
 def assert_same_as_fresh(session: DocumentSession) -> None:
@@ -147,6 +140,5 @@ def test_long_document(model, tokenizer):
     report = edit(s, len(s.text) // 2, 0, " inserted words ")
     assert len(report.touched) == 1
     before = s.logits().clone()
-    ref = s.reference_check()
-    assert ref["code_mismatches"] == 0 and ref["max_abs_logit_diff"] <= TOL
+    assert_exact(s)
     assert torch.isfinite(before).all()

@@ -1,0 +1,96 @@
+"""The fast mode's dial: how far an incrementally kept chunk may drift from a fresh build.
+
+Exact mode keeps every chunk equal to a fresh build of its tokens (canonical positions, nearest
+codes), which costs little less than re-running the chunk: an insertion renumbers every later
+row, and most codes inside the chunk flip by layer 1. The fast mode trades a measured, bounded
+divergence for reuse, with four knobs:
+
+- stable position ids: an inserted row takes a free id between its neighbours (or, at the end
+  of a chunk, pushes at most `shift_limit` following rows along), else duplicates the id on its
+  left; no other row is renumbered, so rows after the edit keep their layer-0 input;
+- code hysteresis: a row keeps its code unless the nearest code is closer than it by more than
+  tau_l = `tau` x (median distance from a code to its nearest neighbour in layer l's codebooks);
+- held attention: a row's context is recomputed only once the attention mass of the keys that
+  changed since its last recompute passes `attention_budget` (mass measured against the row's
+  stored softmax normaliser); below it the row keeps its context, hence its code;
+- refresh: a chunk is rebuilt canonically (a fresh build: canonical ids, nearest codes, nothing
+  held) after `refresh_edits` incremental updates, or when a row's id is more than
+  `refresh_displacement` away from its canonical index. This bounds how far history can pull
+  a chunk away from a fresh build; 0 disables a trigger.
+
+Everything runs in float32 and the kept state is float16 (engine.fast_chunk): only what an
+update needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.codebooks import Codebooks
+from engine.minilm import MiniLMWeights
+
+MAX_POSITIONS = 512
+
+
+@dataclass(frozen=True)
+class FastModeConfig:
+    tau: float = 0.5
+    attention_budget: float = 0.02
+    refresh_edits: int = 64
+    refresh_displacement: int = 16
+    shift_limit: int = 2
+
+    def __post_init__(self) -> None:
+        if self.tau < 0 or self.attention_budget < 0:
+            raise ValueError("tau and attention_budget must be >= 0")
+        if self.refresh_edits < 0 or self.refresh_displacement < 0 or self.shift_limit < 0:
+            raise ValueError("refresh budgets and shift_limit must be >= 0")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"tau": self.tau, "attention_budget": self.attention_budget,
+                "refresh_edits": self.refresh_edits,
+                "refresh_displacement": self.refresh_displacement,
+                "shift_limit": self.shift_limit}
+
+
+@dataclass
+class FastWeights:
+    """The VQ model in float32, with what the fast mode derives from its codebooks."""
+
+    w: MiniLMWeights  # float32 base weights
+    codebooks: Codebooks  # float32
+    tables: list[torch.Tensor]  # per layer (H, K, C): W_o,h . codebook_h, float32
+    code_gap: torch.Tensor  # (layers, H, K) distance from each code to its nearest other code
+    gap_median: torch.Tensor  # (layers,) median of code_gap per layer: tau's unit
+    extra: dict = field(default_factory=dict)
+
+
+def fast_weights(model) -> FastWeights:
+    """float32 weights, codebooks and lookup tables of a VQModel (cached on the model)."""
+    cached = getattr(model, "_fast_weights", None)
+    if cached is not None:
+        return cached
+    w32 = model.original if model.original is not None else _cast(model.w, torch.float32)
+    codebooks = model.codebooks.to(model.device, torch.float32)
+    tables = [t.to(torch.float32) for t in model.tables]
+    codes = codebooks.codes  # (L, H, K, d)
+    dist = torch.cdist(codes.flatten(0, 1), codes.flatten(0, 1))  # (L*H, K, K)
+    dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    gap = dist.amin(-1).view(codes.shape[:3])
+    fw = FastWeights(w32, codebooks, tables, gap, gap.flatten(1).median(-1).values)
+    model._fast_weights = fw
+    return fw
+
+
+def _cast(w: MiniLMWeights, dtype: torch.dtype) -> MiniLMWeights:
+    from dataclasses import fields, replace
+
+    def conv(v):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    layers = [replace(lw, **{f.name: conv(getattr(lw, f.name)) for f in fields(lw)})
+              for lw in w.layers]
+    top = {f.name: conv(getattr(w, f.name)) for f in fields(w) if f.name != "layers"}
+    return MiniLMWeights(**{**top, "layers": layers})
