@@ -1,11 +1,23 @@
 """`incstream bench pipeline`: throughput of one worker through a real broker.
 
-The stream is produced first (so the producer's speed is measured separately and the worker
-faces a full backlog), then one worker is started and timed while it drains the backlog:
-events/s = events / (last update's arrival - first update's arrival). Per-event processing
-latency comes from the records themselves (cost.latency_s, and cost.inference_s for the
-classifier alone). The worker runs the default model bundle unless `--model none` (text only);
-its MAC and session-cache counters are scraped from /metrics before it stops.
+One worker is started and made ready first: it must answer a probe document (its own doc id,
+left out of every figure), which proves the consumer group has joined, the model is loaded and
+the inference thread runs. Start-up is reported on its own (`worker_ready_s`). Then the stream
+is produced as fast as the producer goes and the clock runs from the first event sent to the
+last answer received:
+
+    events_per_s = revisions answered / (last answer's arrival - first event sent)
+
+Each revision counts once: a second update for the same (doc_id, rev), which at-least-once
+delivery allows, is a duplicate, counted apart (`duplicate_updates`) and in no figure. A run
+in which a revision of the stream is never answered -- dead-lettered, stuck behind a
+dead-lettered revision of its document, or simply not answered before `--timeout` -- has
+failed: it reports which revisions were lost and why, gives no rate, and the command exits 1.
+
+Per-revision processing latency comes from the records themselves (cost.latency_s, and
+cost.inference_s for the classifier alone). The worker runs the default model bundle unless
+`--model none` (text only); its MAC and session-cache counters are scraped from /metrics
+before it stops.
 """
 
 from __future__ import annotations
@@ -14,22 +26,32 @@ import json
 import platform
 import statistics
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.demo import metric_value
-from pipeline.producer import read_events, replay
+from pipeline.producer import edit_producer, read_events, replay, send_edit
 from pipeline.settings import Settings
 from pipeline.stream_files import select_events
 from pipeline.topic_reader import TopicReader
 from pipeline.topics import ensure_topics
 from pipeline.worker_process import WorkerProcess
+
+PROBE_DOC = "__incstream-bench-probe__"
+LOST_LISTED = 20  # lost revisions listed one by one in the result (all are counted)
+
+Revision = tuple[str, int]
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -66,68 +88,263 @@ def _worker_counters(metrics_text: str) -> dict[str, float]:
     }
 
 
+def _dead_letter_revision(record: dict[str, Any]) -> Revision | None:
+    """(doc_id, rev) of the event a dead letter carries, if it can be read from it."""
+    event = record.get("event")
+    if isinstance(event, str | bytes):
+        try:
+            event = json.loads(event)
+        except ValueError:
+            return None
+    if not isinstance(event, dict):
+        return None
+    doc_id, rev = event.get("doc_id"), event.get("rev")
+    if isinstance(doc_id, str) and isinstance(rev, int) and not isinstance(rev, bool):
+        return doc_id, rev
+    return None
+
+
+@dataclass
+class Tally:
+    """What came back for the stream's revisions, as the reader thread sees it."""
+
+    expected: list[Revision]  # in stream order
+    snapshots: set[Revision] = field(default_factory=set)  # which of them are snapshots
+    first_answer: dict[Revision, float] = field(default_factory=dict)  # arrival time
+    records: dict[Revision, dict[str, Any]] = field(default_factory=dict)  # first update
+    duplicate_updates: int = 0
+    unexpected_updates: int = 0
+    dead_letters: dict[Revision, str] = field(default_factory=dict)  # -> reason
+    unreadable_dead_letters: list[str] = field(default_factory=list)  # reasons
+    probe_answered: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._expected = set(self.expected)
+        self._lock = threading.Lock()
+
+    def on_update(self, record: dict[str, Any], arrived: float) -> None:
+        key = (record.get("doc_id"), record.get("rev"))
+        with self._lock:
+            if key[0] == PROBE_DOC:
+                self.probe_answered.set()
+            elif key not in self._expected:
+                self.unexpected_updates += 1
+            elif key in self.first_answer:
+                self.duplicate_updates += 1
+            else:
+                self.first_answer[key] = arrived
+                self.records[key] = record
+
+    def on_dead_letter(self, record: dict[str, Any]) -> None:
+        key = _dead_letter_revision(record)
+        with self._lock:
+            if key is None:
+                self.unreadable_dead_letters.append(str(record.get("reason")))
+            elif key[0] != PROBE_DOC:
+                self.dead_letters.setdefault(key, str(record.get("reason")))
+
+    def lost(self) -> dict[Revision, str]:
+        """Revisions that will never be answered now, and why: dead-lettered, or held behind a
+        dead-lettered revision of their document with no snapshot after it in the stream."""
+        with self._lock:
+            out: dict[Revision, str] = {}
+            blocked: dict[str, int] = {}  # doc -> the dead-lettered rev it waits behind
+            for key in self.expected:
+                doc_id, rev = key
+                if key in self.snapshots:  # a snapshot resyncs the document
+                    blocked.pop(doc_id, None)
+                if key in self.first_answer:
+                    continue
+                if key in self.dead_letters:
+                    out[key] = f"dead-lettered ({self.dead_letters[key]})"
+                    blocked.setdefault(doc_id, rev)
+                elif doc_id in blocked:
+                    out[key] = f"held behind dead-lettered rev {blocked[doc_id]}"
+            return out
+
+    def settled(self) -> bool:
+        """Every revision answered, or lost for good (so waiting longer changes nothing)."""
+        lost = self.lost()
+        with self._lock:
+            return all(k in self.first_answer or k in lost for k in self.expected)
+
+
+def summarize(tally: Tally, first_sent: float | None, timeout_s: float,
+              worker_exit: int | None = None) -> dict[str, Any]:
+    """Counts, the rate and the verdict of a run (pure: the unit tests call it directly)."""
+    lost = tally.lost()
+    for key in tally.expected:
+        if key not in tally.first_answer and key not in lost:
+            lost[key] = (f"not answered within {timeout_s:g} s" if worker_exit is None
+                         else f"not answered: the worker exited with code {worker_exit}")
+    answered = [tally.first_answer[k] for k in tally.expected if k in tally.first_answer]
+    complete = not lost and first_sent is not None
+    wall = max(answered) - first_sent if answered and first_sent is not None else None
+    reasons = Counter(why for why in lost.values())
+    failure = None
+    if not complete:
+        failure = (f"{len(lost)} of {len(tally.expected)} revisions lost: "
+                   + "; ".join(f"{n} {why}" for why, n in reasons.most_common()))
+        if first_sent is None:
+            failure = "the stream was never sent (the worker did not get ready)"
+    records = [tally.records[k] for k in tally.expected if k in tally.records]
+    inference_ms = [r["cost"]["inference_s"] * 1000 for r in records
+                    if "inference_s" in r.get("cost", {})]
+    return {
+        "complete": complete,
+        "failure": failure,
+        "revisions": len(tally.expected),
+        "answered": len(answered),
+        "lost": len(lost),
+        "lost_revisions": [{"doc_id": d, "rev": r, "why": why}
+                           for (d, r), why in list(lost.items())[:LOST_LISTED]],
+        "dead_letters": dict(Counter(tally.dead_letters.values())),
+        "unreadable_dead_letters": len(tally.unreadable_dead_letters),
+        "duplicate_updates": tally.duplicate_updates,
+        "unexpected_updates": tally.unexpected_updates,
+        "wall_s": wall,
+        "events_per_s": len(answered) / wall if complete and wall else None,
+        "first_answer_s": (min(answered) - first_sent
+                           if answered and first_sent is not None else None),
+        "processing_latency_ms": (_quantiles([r["cost"]["latency_s"] * 1000 for r in records])
+                                  if records else None),
+        "inference_ms": _quantiles(inference_ms) if inference_ms else None,
+        "answers_by_cache": {c: sum(1 for r in records if r.get("cost", {}).get("cache") == c)
+                             for c in ("hit", "miss", "rebuild")},
+        "models": sorted({r.get("model") or "none" for r in records}),
+    }
+
+
+def _wait(condition, timeout_s: float, worker: WorkerProcess) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if not worker.alive():
+            return condition()
+        time.sleep(0.1)
+    return condition()
+
+
 def run_pipeline_bench(
     stream: Path, docs: int | None, limit: int | None, partitions: int, timeout_s: float,
-    model: str | None = None,
+    model: str | None = None, ready_timeout_s: float = 300.0,
 ) -> dict[str, Any]:
     events = select_events(read_events(stream), docs=docs, limit=limit)
-    expected = {(e["doc_id"], e["rev"]) for e in events}
+    tally = Tally([(e["doc_id"], e["rev"]) for e in events],
+                  {(e["doc_id"], e["rev"]) for e in events if "snapshot" in e})
     workdir = Path(tempfile.mkdtemp(prefix="incstream-bench-"))
-    arrivals: list[float] = []
+    first_sent = produce_s = ready_s = None
+    worker_exit = None
+    counters: dict[str, Any] = {}
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         settings = Settings(broker=broker.url, partitions=partitions)
         ensure_topics(settings)
-        produce_started = time.monotonic()
-        replay(events, broker.bootstrap, settings.edits_topic, total=len(events))
-        produce_s = time.monotonic() - produce_started
 
-        reader = TopicReader(broker.bootstrap, [settings.classes_topic],
-                             on_record=lambda *_: arrivals.append(time.monotonic())).start()
+        def on_record(topic: str, record: dict[str, Any]) -> None:
+            if topic == settings.classes_topic:
+                tally.on_update(record, time.monotonic())
+            else:
+                tally.on_dead_letter(record)
+
+        reader = TopicReader(broker.bootstrap, [settings.classes_topic, settings.dlq_topic],
+                             on_record=on_record).start()
         worker = WorkerProcess(broker.url, workdir / "worker", partitions=partitions,
                                log_path=workdir / "worker.log",
                                extra_args=["--model", model] if model else []).start()
         try:
-            worker_started = time.monotonic()
-            done = reader.wait_for(
-                lambda: {(r["doc_id"], r["rev"]) for r in reader.of(settings.classes_topic)}
-                >= expected,
-                timeout_s,
-            )
-            finished = time.monotonic()
-            try:
-                counters = _worker_counters(worker.scrape())
-            except OSError as exc:
-                counters = {"error": f"could not scrape the worker: {exc}"}
+            started = time.monotonic()
+            probe = edit_producer(broker.bootstrap)
+            send_edit(probe, settings.edits_topic,
+                      {"schema": "doc-edit/v1", "doc_id": PROBE_DOC, "rev": 0,
+                       "snapshot": "The worker is ready when it answers this."})
+            probe.flush()
+            probe.close()
+            if _wait(tally.probe_answered.is_set, ready_timeout_s, worker):
+                ready_s = time.monotonic() - started
+                first_sent = time.monotonic()
+                replay(events, broker.bootstrap, settings.edits_topic, total=len(events))
+                produce_s = time.monotonic() - first_sent
+                _wait(tally.settled, timeout_s, worker)
+            if worker.alive():
+                try:
+                    counters = _worker_counters(worker.scrape())
+                except OSError as exc:
+                    counters = {"error": f"could not scrape the worker: {exc}"}
+            else:
+                worker_exit = worker.process.returncode if worker.process else None
         finally:
             reader.stop()
             code, stop_s = worker.stop()
-    updates = reader.of(settings.classes_topic)
-    drain_s = max(arrivals) - min(arrivals) if len(arrivals) > 1 else float("nan")
-    models = sorted({r.get("model") or "none" for r in updates})
-    inference_ms = [r["cost"]["inference_s"] * 1000 for r in updates
-                    if "inference_s" in r["cost"]]
-    caches = {c: sum(1 for r in updates if r["cost"].get("cache") == c)
-              for c in ("hit", "miss", "rebuild")}
+    result = summarize(tally, first_sent, timeout_s, worker_exit)
+    models = result.pop("models")
+    if ready_s is None and result["failure"]:
+        result["failure"] += (f"; no answer to the probe within {ready_timeout_s:g} s"
+                              + (f" (worker exited with code {worker_exit})"
+                                 if worker_exit is not None else "")
+                              + f"; see {workdir / 'worker.log'}")
     return {
         "bench": "pipeline",
         "stream": str(stream),
         "events": len(events),
         "docs": len({e["doc_id"] for e in events}),
         "partitions": partitions,
-        "complete": done,
-        "updates": len(updates),
-        "produce_events_per_s": len(events) / produce_s,
-        "worker_events_per_s": len(updates) / drain_s if drain_s else None,
-        "worker_drain_s": drain_s,
-        "worker_start_to_done_s": finished - worker_started,
-        "processing_latency_ms": _quantiles([r["cost"]["latency_s"] * 1000 for r in updates]),
-        "inference_ms": _quantiles(inference_ms) if inference_ms else None,
-        "answers_by_cache": caches,
+        **result,
+        "worker_ready_s": ready_s,
+        "produce_s": produce_s,
+        "produce_events_per_s": len(events) / produce_s if produce_s else None,
         "worker_counters": counters,
         "worker_stop": {"exit_code": code, "seconds": stop_s},
+        "workdir": str(workdir),
         "device": f"cpu ({platform.processor() or platform.machine()})",
         "model": ", ".join(models) or None,
+        "method": "worker made ready first (answers a probe document); events_per_s = "
+                  "revisions answered / (last answer received - first event sent); "
+                  "duplicates counted once; no rate unless every revision was answered",
     }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(result: dict[str, Any]) -> Table:
+    table = Table(title="incstream bench pipeline")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("events (docs)", f"{result['events']} ({result['docs']})")
+    table.add_row("revisions answered / lost",
+                  f"{result['answered']} / {result['lost']}")
+    table.add_row("duplicate updates (not counted)", str(result["duplicate_updates"]))
+    table.add_row("worker ready (start-up, not timed)",
+                  f"{_fmt(result['worker_ready_s'], '.1f')} s")
+    table.add_row("events/s, first sent to last answer", _fmt(result["events_per_s"], ".1f"))
+    table.add_row("wall s, first sent to last answer", _fmt(result["wall_s"], ".1f"))
+    table.add_row("producer events/s", _fmt(result["produce_events_per_s"], ".0f"))
+    lat = result["processing_latency_ms"]
+    if lat:
+        table.add_row(escape("processing ms median [p10, p90]"),
+                      f"{lat['median']:.2f} [{lat['p10']:.2f}, {lat['p90']:.2f}]")
+    if result["inference_ms"]:
+        inf = result["inference_ms"]
+        table.add_row(escape("inference ms median [p10, p90]"),
+                      f"{inf['median']:.2f} [{inf['p10']:.2f}, {inf['p90']:.2f}]")
+        table.add_row("answers hit / miss / rebuild",
+                      " / ".join(str(v) for v in result["answers_by_cache"].values()))
+        dense_over = result["worker_counters"].get("macs_dense_over_spent")
+        if dense_over:
+            table.add_row("MACs dense re-runs / spent", f"{dense_over:.1f}x")
+    table.add_row("model", str(result["model"]))
+    return table
+
+
+def failure_lines(result: dict[str, Any]) -> Iterable[str]:
+    yield f"bench pipeline FAILED: {result['failure']}"
+    for lost in result["lost_revisions"]:
+        yield f"  {lost['doc_id']} rev {lost['rev']}: {lost['why']}"
+    if result["lost"] > len(result["lost_revisions"]):
+        yield f"  ... and {result['lost'] - len(result['lost_revisions'])} more"
+    yield f"  logs: {result['workdir']}"
 
 
 @click.command("pipeline")
@@ -136,41 +353,25 @@ def run_pipeline_bench(
 @click.option("--docs", type=int, default=None, help="only the first N documents")
 @click.option("--limit", type=int, default=None, help="only the first N events")
 @click.option("--partitions", type=int, default=4, show_default=True)
-@click.option("--timeout", type=float, default=900.0, show_default=True)
+@click.option("--timeout", type=float, default=900.0, show_default=True,
+              help="seconds to wait for the answers after the stream is sent")
 @click.option("--model", default=None,
               help="model bundle name or directory, or none for text only "
                    "[default: INCSTREAM_MODEL, else polarity-minilm-vq64]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="also write the result JSON here")
+              default=None, help="also write the result JSON here (failed runs too)")
 def pipeline_bench_command(stream: Path, docs: int | None, limit: int | None, partitions: int,
                            timeout: float, model: str | None, json_out: Path | None) -> None:
-    """Events/s of one worker draining a replayed stream through the embedded broker."""
+    """Events/s of one worker answering a replayed stream through the embedded broker; exits 1
+    if any revision was lost (dead-lettered or not answered in time)."""
     result = run_pipeline_bench(stream, docs, limit, partitions, timeout, model=model)
-    table = Table(title="incstream bench pipeline")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("events (docs)", f"{result['events']} ({result['docs']})")
-    table.add_row("all answered", str(result["complete"]))
-    table.add_row("producer events/s", f"{result['produce_events_per_s']:.0f}")
-    table.add_row("worker events/s (backlog drain)", f"{result['worker_events_per_s']:.0f}")
-    lat = result["processing_latency_ms"]
-    table.add_row("processing ms median [p10, p90]",
-                  f"{lat['median']:.2f} [{lat['p10']:.2f}, {lat['p90']:.2f}]")
-    if result["inference_ms"]:
-        inf = result["inference_ms"]
-        table.add_row("inference ms median [p10, p90]",
-                      f"{inf['median']:.2f} [{inf['p10']:.2f}, {inf['p90']:.2f}]")
-        counters = result["worker_counters"]
-        table.add_row("answers hit / miss / rebuild",
-                      " / ".join(str(v) for v in result["answers_by_cache"].values()))
-        if counters.get("macs_dense_over_spent"):
-            table.add_row("MACs dense re-runs / spent",
-                          f"{counters['macs_dense_over_spent']:.1f}x")
-    table.add_row("model", str(result["model"]))
-    table.add_row("worker start to done", f"{result['worker_start_to_done_s']:.1f} s")
-    Console(stderr=True).print(table)
+    Console(stderr=True).print(render_table(result))
     text = json.dumps(result, indent=2)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n")
     click.echo(text)
+    if not result["complete"]:
+        for line in failure_lines(result):
+            click.echo(line, err=True)
+        raise SystemExit(1)
