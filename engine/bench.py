@@ -1,11 +1,13 @@
-"""`incstream bench engine`: replay a doc-edit/v1 stream, compare incremental vs dense.
+"""`incstream bench engine`: replay a doc-edit/v1 stream through the engine and its peers.
 
-For every edit, measured side by side in one run (interleaved, so machine noise hits both):
-- MACs of re-running the dense ORIGINAL model on the whole document (chunked the same way a
-  user would, into <=512-token windows: here the session's own chunks, with canonical
-  positions) / MACs of the incremental update; and the same against the dense VQ model;
-- wall-clock of that dense original run (whole-text tokenization + chunked forward) / the
-  incremental update (window re-tokenization + chunk updates);
+For every edit, measured side by side in one run (interleaved, so machine noise hits all):
+- the engine (exact or fast mode): MACs and seconds of the update (window re-tokenization,
+  chunk layout, chunk updates), bytes held per token;
+- the peers a user would pick instead (engine.peers), on the same tokens and chunks: the chunk
+  cache (dense float32 re-run of the chunks whose ids changed, one pooled vector per chunk)
+  and the full dense re-run of the document; the engine's ratios against each;
+- divergence: the engine's class probabilities vs a fresh exact build of the same text, after
+  every edit (label agreement, max |prob diff|);
 - exactness: the touched chunks against a dense VQ forward on the same ids, and at the end of
   each document the whole session against a FRESH session built on the final text (same chunk
   layout, same codes, same label, logits within 1e-9): the answer does not depend on history;
@@ -21,7 +23,6 @@ from __future__ import annotations
 import gzip
 import json
 import statistics
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ import torch
 from engine.base_model import DEFAULT_BASE_MODEL, load_tokenizer
 from engine.chunks import ChunkPolicy
 from engine.edit_tokenizer import tokenize
+from engine.fast_mode import FastModeConfig
 from engine.macs import MacCounter, dense_chunk_macs
-from engine.minilm import forward_dense
 from engine.model_bundle import DEFAULT_MODEL, load_model_bundle
+from engine.peers import ChunkCache, FreshReference, full_dense
 from engine.session import DocumentSession
 from engine.text_ops import sha1_hex
 from engine.vq_model import VQModel
@@ -73,25 +75,6 @@ def _quantiles(values: list[float]) -> dict[str, float]:
             "mean": statistics.fmean(ordered), "n": len(ordered)}
 
 
-def _dense_original(model: VQModel, tokenizer, session: DocumentSession,
-                    macs: MacCounter) -> tuple[float, list[torch.Tensor]]:
-    """What a user would run instead: tokenize the whole text, forward every chunk. Timed."""
-    started = time.perf_counter()
-    ids = tokenizer(session.text, add_special_tokens=False, verbose=False)["input_ids"]
-    pooled, pos = [], 0
-    with torch.inference_mode():
-        for n in session.chunk_lengths:
-            chunk = torch.tensor([session.cls_id, *ids[pos : pos + n], session.sep_id],
-                                 device=model.device)
-            out = forward_dense(model.original, chunk,
-                                torch.arange(len(chunk), device=model.device), macs)
-            pooled.append(out.mean(0))
-            pos += n
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, pooled
-
-
 def load_bench_model(model_bundle: str = DEFAULT_MODEL, codebooks: str | None = None,
                      device: str | None = None) -> tuple[VQModel, str]:
     """The trained model bundle (default), or bare calibrated codebooks when `codebooks` is
@@ -102,35 +85,53 @@ def load_bench_model(model_bundle: str = DEFAULT_MODEL, codebooks: str | None = 
     return model, manifest["name"]
 
 
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.to(torch.float64), -1)
+
+
 def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str = DEFAULT_MODEL,
               device: str | None = None, chunk_tokens: int = 256, codebooks: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Replay the first `docs` documents (at most `events` edits each); return the result."""
+              progress: bool = True, mode: str = "exact",
+              fast: FastModeConfig | None = None, full_dense_every: int = 1) -> dict[str, Any]:
+    """Replay the first `docs` documents (at most `events` edits each, 0 = all) through the
+    engine in `mode`, and after every edit, in the same run on the same tokens and chunks: the
+    chunk-cache peer, the full dense re-run (timed every `full_dense_every` edits; its MACs
+    every edit), and the divergence from a fresh exact build of the same text."""
     from tqdm import tqdm
 
     model, model_label = load_bench_model(model_bundle, codebooks, device)
     tokenizer = load_tokenizer(model.name)
     policy = ChunkPolicy(max_tokens=chunk_tokens)
+    engine_mode: str | FastModeConfig = "exact" if mode == "exact" else (fast or FastModeConfig())
+    reference = FreshReference(model, tokenizer, policy)
     layer_fracs: list[list[float]] = [[] for _ in range(model.cfg.layers)]
-    macs_ratio, macs_ratio_vq, time_ratio, macs_ratio_chunk = [], [], [], []
-    inc_macs, dense_macs_list, inc_secs, dense_secs = [], [], [], []
-    fresh_diffs: list[float] = []
-    fresh_label_mismatch = fresh_layout_mismatch = fresh_code_mismatch = 0
+    rec: dict[str, list[float]] = {k: [] for k in (
+        "engine_macs", "engine_seconds", "cc_macs", "cc_seconds", "full_macs", "full_seconds",
+        "cc_macs_ratio", "cc_time_ratio", "full_macs_ratio", "full_time_ratio",
+        "touched_macs_ratio", "prob_diff", "engine_bytes_per_token", "cc_bytes_per_token")}
+    label_agree = revisions = 0
     checked = mismatches = codes_checked = tok_mismatch = noop = sha_mismatch = 0
-    rebuilt = n_events = 0
+    rebuilt = refreshed = n_events = 0
     max_diff = 0.0
     min_skip_slack = float("inf")
     searched = 0
     per_doc = []
     documents = list(read_stream(Path(stream), docs))
-    total = sum(min(len(evs), events) for _, _, evs in documents)
-    bar = tqdm(total=total, disable=not progress, desc="edits", unit="edit")
+    cap = events if events > 0 else None
+    total = sum(len(evs[:cap]) for _, _, evs in documents)
+    bar = tqdm(total=total, disable=not progress, desc=f"edits ({mode})", unit="edit")
+    fresh_diffs: list[float] = []
+    fresh_label_mismatch = fresh_layout_mismatch = fresh_code_mismatch = 0
     for doc_id, snapshot, evs in documents:
-        session = DocumentSession(model, tokenizer, snapshot, policy)
-        doc_events = 0
-        for event in evs[:events]:
+        session = DocumentSession(model, tokenizer, snapshot, policy, mode=engine_mode)
+        cache = ChunkCache(model, session.cls_id, session.sep_id)
+        cache.update(session.tokens.ids, session.chunk_lengths, MacCounter())
+        doc_events = doc_agree = 0
+        doc_diffs: list[float] = []
+        for event in evs[:cap]:
             if "snapshot" in event:
-                session = DocumentSession(model, tokenizer, event["snapshot"], policy)
+                session = DocumentSession(model, tokenizer, event["snapshot"], policy,
+                                          mode=engine_mode)
                 bar.update(1)
                 continue
             report = session.apply_ops(event["ops"])
@@ -140,11 +141,29 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
             doc_events += 1
             if "sha1_after" in event and sha1_hex(session.text) != event["sha1_after"]:
                 sha_mismatch += 1
-            dense_counter = MacCounter()
-            dense_sec, canon_pooled = _dense_original(model, tokenizer, session, dense_counter)
-            if tokenize(tokenizer, session.text).ids != session.tokens.ids:
+            cc_counter = MacCounter()
+            cc_sec, _ = cache.update(session.tokens.ids, session.chunk_lengths, cc_counter)
+            full_counter = MacCounter()
+            if full_dense_every and n_events % full_dense_every == 0:
+                full_sec, _ = full_dense(model, tokenizer, session.text, policy, full_counter)
+            else:
+                full_sec = float("nan")
+                full_counter.add("linear", sum(dense_chunk_macs(n + 2)
+                                               for n in session.chunk_lengths))
+            # Divergence from a fresh exact build of the same text, after every edit.
+            ref = _probs(reference.logits(session.text))
+            mine = _probs(session.logits())
+            diff = float((mine - ref).abs().max())
+            agree = int(int(mine.argmax()) == int(ref.argmax()))
+            rec["prob_diff"].append(diff)
+            doc_diffs.append(diff)
+            label_agree += agree
+            doc_agree += agree
+            revisions += 1
+            if tokenize(tokenizer, session.text).ids != list(session.tokens.ids):
                 tok_mismatch += 1
             rebuilt += sum(u.rebuilt for u in report.chunk_updates)
+            refreshed += sum(getattr(u, "refreshed", False) for u in report.chunk_updates)
             for i, u in zip(report.touched, report.chunk_updates, strict=True):
                 min_skip_slack = min(min_skip_slack, u.min_skip_slack)
                 searched += u.searched
@@ -155,26 +174,31 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
             if report.macs["total"] == 0:
                 noop += 1
             else:
-                dense_vq = sum(dense_chunk_macs(n + 2, codes=model.k)
-                               for n in session.chunk_lengths)
-                macs_ratio.append(dense_counter.total / report.macs["total"])
-                macs_ratio_vq.append(dense_vq / report.macs["total"])
-                touched_vq = sum(dense_chunk_macs(len(session.chunks[i].token_ids), codes=model.k)
-                                 for i in report.touched)
-                macs_ratio_chunk.append(touched_vq / report.macs["total"])
-                time_ratio.append(dense_sec / report.seconds)
-                inc_macs.append(report.macs["total"])
-                dense_macs_list.append(dense_counter.total)
-                inc_secs.append(report.seconds)
-                dense_secs.append(dense_sec)
-            if report.touched:
+                e_macs, e_sec = report.macs["total"], report.seconds
+                touched = sum(dense_chunk_macs(len(session.chunks[i].token_ids), codes=model.k)
+                              for i in report.touched)
+                rec["engine_macs"].append(float(e_macs))
+                rec["engine_seconds"].append(e_sec)
+                rec["cc_macs"].append(float(cc_counter.total))
+                rec["cc_seconds"].append(cc_sec)
+                rec["full_macs"].append(float(full_counter.total))
+                rec["cc_macs_ratio"].append(cc_counter.total / e_macs)
+                rec["cc_time_ratio"].append(cc_sec / e_sec)
+                rec["full_macs_ratio"].append(full_counter.total / e_macs)
+                rec["touched_macs_ratio"].append(touched / e_macs)
+                if full_sec == full_sec:
+                    rec["full_seconds"].append(full_sec)
+                    rec["full_time_ratio"].append(full_sec / e_sec)
+            if mode == "exact" and report.touched:
                 check = session.reference_check(report.touched)
                 checked += 1
                 max_diff = max(max_diff, check["max_abs_logit_diff"])
                 mismatches += check["code_mismatches"]
                 codes_checked += check["codes_checked"]
             bar.update(1)
-        bar.update(min(len(evs), events) - doc_events)
+        n_tokens = max(1, len(session.tokens.ids))
+        rec["engine_bytes_per_token"].append(session.nbytes() / n_tokens)
+        rec["cc_bytes_per_token"].append(cache.nbytes() / n_tokens)
         final = session.reference_check()
         checked += 1
         max_diff = max(max_diff, final["max_abs_logit_diff"])
@@ -186,36 +210,60 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
         fresh_layout_mismatch += fresh_check["layout_mismatch"]
         fresh_code_mismatch += fresh_check["code_mismatches"]
         fresh_label_mismatch += fresh_check["label_mismatch"]
-        per_doc.append({"doc_id": doc_id, "events": doc_events, "tokens": len(session.tokens.ids),
+        per_doc.append({"doc_id": doc_id, "events": doc_events, "tokens": n_tokens,
                         "chunks": len(session.chunks), "final_check": final,
-                        "vs_fresh_session": fresh_check})
+                        "label_agreement": doc_agree / max(1, len(doc_diffs)),
+                        "max_prob_diff": _quantiles(doc_diffs), "vs_fresh_session": fresh_check,
+                        "engine_bytes_per_token": session.nbytes() / n_tokens})
     bar.close()
     q = _quantiles
-    return {
+    result: dict[str, Any] = {
         "device": str(model.device) + (f" ({torch.cuda.get_device_name()})"
                                        if model.device.type == "cuda" else ""),
         "torch_threads": torch.get_num_threads(),
+        "mode": mode,
+        "fast_config": engine_mode.as_dict() if mode == "fast" else None,
         "model": model_label,
         "base_model": model.name,
         "k": model.k,
         "chunk_tokens": chunk_tokens,
         "chunk_policy": {"max_tokens": policy.max_tokens, "min_content": policy.min_content,
                          "cut_every": policy.cut_spacing},
-        "vq_dtype": str(model.w.dtype), "original_dtype": str(model.original.dtype),
+        "engine_dtype": "float64" if mode == "exact" else "float32 (float16 state)",
+        "original_dtype": str(model.original.dtype),
         "stream": str(stream),
         "docs": len(documents),
         "events": n_events,
         "events_cap_per_doc": events,
         "noop_edits": noop,
         "chunk_rebuilds": rebuilt,
-        "macs_ratio": q(macs_ratio),
-        "macs_ratio_vs_dense_vq": q(macs_ratio_vq),
-        "macs_ratio_touched_chunks_vs_dense_vq": q(macs_ratio_chunk),
-        "time_ratio": q(time_ratio),
-        "incremental_macs": q([float(x) for x in inc_macs]),
-        "dense_original_macs": q([float(x) for x in dense_macs_list]),
-        "incremental_seconds": q(inc_secs),
-        "dense_original_seconds": q(dense_secs),
+        "chunk_refreshes": refreshed,
+        "what_ratios_mean": "per edit, peer / engine (higher = the engine does less); edits "
+                            "that change no token are left out (noop_edits)",
+        "peers": {
+            "chunk_cache": {"macs_ratio": q(rec["cc_macs_ratio"]),
+                            "time_ratio": q(rec["cc_time_ratio"]),
+                            "macs": q(rec["cc_macs"]), "seconds": q(rec["cc_seconds"])},
+            "full_dense": {"macs_ratio": q(rec["full_macs_ratio"]),
+                           "time_ratio": q(rec["full_time_ratio"]),
+                           "macs": q(rec["full_macs"]), "seconds": q(rec["full_seconds"])},
+        },
+        "engine": {"macs": q(rec["engine_macs"]), "seconds": q(rec["engine_seconds"])},
+        "bytes_per_token": {"engine": q(rec["engine_bytes_per_token"]),
+                            "chunk_cache": q(rec["cc_bytes_per_token"])},
+        "divergence": {
+            "what": "after every edit: the engine's class probabilities vs a fresh exact build "
+                    "of the same text (every event of every replayed document)",
+            "revisions": revisions,
+            "label_agreement": label_agree / max(1, revisions),
+            "max_prob_diff": q(rec["prob_diff"]) | {"max": max(rec["prob_diff"], default=0.0)},
+        },
+        # Kept from earlier versions of this benchmark (same meaning):
+        "macs_ratio": q(rec["full_macs_ratio"]),
+        "time_ratio": q(rec["full_time_ratio"]),
+        "macs_ratio_touched_chunks_vs_dense_vq": q(rec["touched_macs_ratio"]),
+        "incremental_seconds": q(rec["engine_seconds"]),
+        "dense_original_seconds": q(rec["full_seconds"]),
         "rows_changed_fraction_by_layer": {
             "what": "mean fraction of a touched chunk's rows whose layer input changed "
                     "(incrementally updated chunks only; layer 0 = inserted/replaced tokens)",
@@ -227,8 +275,9 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
                   "code_mismatch_rate": mismatches / max(codes_checked, 1),
                   "codebook_searches": searched,
                   "min_skipped_search_slack": min_skip_slack,
-                  "what_slack_means": "smallest margin/2 - drift of any (row, head) whose "
-                                      "search was skipped; skipping is exact while > 1e-6"},
+                  "what": "reference_check (a fresh build of the text) of touched chunks after "
+                          "every edit (exact mode) and of every chunk at the end of each "
+                          "document; in fast mode these count its divergence in codes"},
         "tokenization_mismatches": tok_mismatch,
         "sha1_mismatches": sha_mismatch,
         "vs_fresh_session": {
@@ -241,6 +290,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
         },
         "per_doc": per_doc,
     }
+    return result
 
 
 def render_table(result: dict[str, Any]) -> None:
@@ -248,32 +298,49 @@ def render_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"incstream bench engine — {Path(result['stream']).name} "
-                        f"({result['docs']} docs, {result['events']} edits, {result['device']})")
-    table.add_column("metric")
+    def med(row: dict, scale: float = 1.0, fmt: str = ".3g") -> list[str]:
+        return [format(row[c] * scale, fmt) for c in ("median", "p10", "p90")]
+
+    console = Console()
+    title = (f"incstream bench engine — {Path(result['stream']).name}, {result['mode']} mode "
+             f"({result['docs']} docs, {result['events']} edits, {result['device']}, "
+             f"{result['torch_threads']} thread(s))")
+    table = Table(title=title)
+    table.add_column("per edit")
     for col in ("median", "p10", "p90"):
         table.add_column(col, justify="right")
-    for key, label in (("macs_ratio", "MACs dense original / incremental"),
-                       ("macs_ratio_vs_dense_vq", "MACs dense VQ / incremental"),
-                       ("macs_ratio_touched_chunks_vs_dense_vq",
-                        "MACs dense VQ on touched chunks / incremental"),
-                       ("time_ratio", "time dense original / incremental"),
-                       ("incremental_seconds", "incremental seconds per edit"),
-                       ("dense_original_seconds", "dense original seconds per edit")):
-        row = result[key]
-        table.add_row(label, *(f"{row[c]:.3g}" for c in ("median", "p10", "p90")))
-    console = Console()
+    peers = result["peers"]
+    table.add_row("engine MMACs", *med(result["engine"]["macs"], 1e-6))
+    table.add_row("chunk cache MMACs", *med(peers["chunk_cache"]["macs"], 1e-6))
+    table.add_row("full dense MMACs", *med(peers["full_dense"]["macs"], 1e-6))
+    table.add_row("engine ms", *med(result["engine"]["seconds"], 1e3))
+    table.add_row("chunk cache ms", *med(peers["chunk_cache"]["seconds"], 1e3))
+    table.add_row("full dense ms", *med(peers["full_dense"]["seconds"], 1e3))
+    table.add_row("MACs chunk cache / engine", *med(peers["chunk_cache"]["macs_ratio"]))
+    table.add_row("time chunk cache / engine", *med(peers["chunk_cache"]["time_ratio"]))
+    table.add_row("MACs full dense / engine", *med(peers["full_dense"]["macs_ratio"]))
+    table.add_row("time full dense / engine", *med(peers["full_dense"]["time_ratio"]))
+    table.add_row("max |prob diff| vs fresh exact", *med(result["divergence"]["max_prob_diff"]))
     console.print(table)
+    bpt = result["bytes_per_token"]
+    dv = result["divergence"]
+    console.print(f"bytes held per token (median over docs): engine "
+                  f"{bpt['engine']['median']:,.0f}, chunk cache {bpt['chunk_cache']['median']:.1f}")
+    console.print(f"divergence over {dv['revisions']} revisions: label agreement "
+                  f"{dv['label_agreement']:.4f}, max |prob diff| max "
+                  f"{dv['max_prob_diff']['max']:.3g}"
+                  f"; chunk refreshes {result['chunk_refreshes']}, rebuilds "
+                  f"{result['chunk_rebuilds']}")
     fracs = result["rows_changed_fraction_by_layer"]["mean"]
     console.print("rows changed per layer (mean fraction of a touched chunk): "
                   + " ".join(f"{f:.2f}" if f is not None else "-" for f in fracs))
     ex = result["exact"]
-    console.print(f"exact: {ex['checked']} checks, max |logit diff| {ex['max_abs_logit_diff']:.2e},"
-                  f" code mismatches {ex['code_mismatches']}/{ex['codes_checked']}; "
-                  f"tokenization mismatches {result['tokenization_mismatches']}; "
-                  f"no-op edits {result['noop_edits']}; chunk rebuilds {result['chunk_rebuilds']}")
+    console.print(f"vs fresh build (reference_check): {ex['checked']} checks, max |logit diff| "
+                  f"{ex['max_abs_logit_diff']:.2e}, code mismatches {ex['code_mismatches']}/"
+                  f"{ex['codes_checked']}; tokenization mismatches "
+                  f"{result['tokenization_mismatches']}; no-op edits {result['noop_edits']}")
     fr = result["vs_fresh_session"]
-    console.print(f"vs a fresh build of each final text ({fr['docs']} docs): max |logit diff| "
+    console.print(f"final session vs a fresh build ({fr['docs']} docs): max |logit diff| "
                   f"{fr['max_abs_logit_diff']:.2e}, layout mismatches {fr['layout_mismatches']}, "
                   f"code mismatches {fr['code_mismatches']}, label mismatches "
                   f"{fr['label_mismatches']}")

@@ -36,7 +36,7 @@ import torch
 
 from engine.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
 from engine.macs import MacCounter
-from engine.minilm import embed, feed_forward_block, qkv
+from engine.minilm import embed, feed_forward_block
 
 STORE = torch.float16  # storage dtype of the kept activations; compute is float32
 F32 = torch.float32
@@ -48,7 +48,7 @@ class FastLayer:
     k: torch.Tensor  # (n, H, d) float16
     v: torch.Tensor  # (n, H, d) float16
     lse: torch.Tensor  # (n, H) float32
-    held: torch.Tensor  # (n, H) float16
+    slack: torch.Tensor  # (n, H) float16: how far the context may still move, held
     codes: torch.Tensor  # (n, H) uint8
 
 
@@ -65,7 +65,7 @@ class FastChunk:
     def nbytes(self) -> int:
         tensors = [self.token_ids, self.position_ids, self.out, self.pooled]
         for layer in self.layers:
-            tensors += [layer.q, layer.k, layer.v, layer.lse, layer.held, layer.codes]
+            tensors += [layer.q, layer.k, layer.v, layer.lse, layer.slack, layer.codes]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -120,40 +120,65 @@ def _nearest(fw: FastWeights, layer: int, ctx: torch.Tensor, heads: torch.Tensor
 
 def _requantize(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Tensor,
                 heads: torch.Tensor, old: torch.Tensor,
-                macs: MacCounter) -> tuple[torch.Tensor, int]:
+                macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Codes for P recomputed contexts with hysteresis; old = previous codes (-1: none).
 
     A held code c is replaced only by a code closer by more than tau_l. No code can be when
     |ctx - c| <= (tau_l + gap(c)) / 2, gap(c) = distance from c to its nearest other code
-    (triangle inequality), so those pairs are not searched. Returns (codes, searched).
+    (triangle inequality), so those pairs are not searched. Returns (codes, slack, searched):
+    slack = how far the context may move before a replacement becomes possible, at least the
+    tolerance (`context_tolerance` x the layer's median gap).
     """
     tau = cfg.tau * float(fw.gap_median[layer])
     cb = fw.codebooks.codes[layer]
+    gap = fw.code_gap[layer]
     has_old = old >= 0
-    safe = torch.zeros_like(has_old)
+    codes = old.clone()
+    dist = torch.full(old.shape, float("inf"), dtype=ctx.dtype, device=ctx.device)
     if has_old.any():
         o_idx = has_old.nonzero().squeeze(1)
         c_old = old[o_idx]
-        d_old = (ctx[o_idx] - cb[heads[o_idx], c_old]).norm(dim=-1)
+        dist[o_idx] = (ctx[o_idx] - cb[heads[o_idx], c_old]).norm(dim=-1)
         macs.add("codebook_search", len(o_idx) * ctx.shape[1])
-        safe[o_idx] = d_old <= (tau + fw.code_gap[layer, heads[o_idx], c_old]) / 2
-    codes = old.clone()
-    s_idx = (~safe).nonzero().squeeze(1)
+    c_safe = codes.clamp_min(0)
+    s_idx = (dist > (tau + gap[heads, c_safe]) / 2).nonzero().squeeze(1)
     if len(s_idx):
         best, d_best = _nearest(fw, layer, ctx[s_idx], heads[s_idx], macs)
-        prev = old[s_idx]
-        keep = prev >= 0
-        if keep.any():
-            d_prev = (ctx[s_idx] - cb[heads[s_idx], prev.clamp_min(0)]).norm(dim=-1)
-            keep &= d_prev - d_best <= tau
-        codes[s_idx] = torch.where(keep, prev, best)
-    return codes, len(s_idx)
+        switch = dist[s_idx] - d_best > tau  # always for rows without a code (inf)
+        codes[s_idx] = torch.where(switch, best, old[s_idx])
+        dist[s_idx] = torch.where(switch, d_best, dist[s_idx])
+    slack = ((tau + gap[heads, codes]) / 2 - dist).clamp_min(
+        cfg.context_tolerance * float(fw.gap_median[layer]))
+    return codes, slack, len(s_idx)
 
 
-def build_fast_chunk(fw: FastWeights, token_ids: torch.Tensor, macs: MacCounter) -> FastChunk:
-    """A chunk built canonically: positions 0..n-1, nearest codes, nothing held (float32)."""
+def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
+         macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V (each (m, H, d)) of rows x (m, C) with one fused matmul."""
     cfg = fw.w.config
-    heads, d = cfg.heads, cfg.head_dim
+    w, b = fw.wqkv[layer]
+    macs.add("linear", x.shape[0] * w.shape[0] * w.shape[1])
+    q, k, v = torch.nn.functional.linear(x, w, b).view(-1, 3, cfg.heads, cfg.head_dim).unbind(1)
+    return q, k, v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole contexts of queries q (r, H, d) over all keys/values (n, H, d): (lse, ctx)."""
+    r, heads, d = q.shape
+    s = torch.einsum("ihd,jhd->ihj", q, k) * (1.0 / math.sqrt(d))  # (r, H, n)
+    lse = torch.logsumexp(s, -1)
+    ctx = torch.einsum("ihj,jhd->ihd", torch.exp(s - lse.unsqueeze(-1)), v)
+    macs.add("attn_scores", r * k.shape[0] * heads * d)
+    macs.add("attn_values", r * k.shape[0] * heads * d)
+    return lse, ctx
+
+
+def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tensor,
+                     macs: MacCounter) -> FastChunk:
+    """A chunk built canonically: positions 0..n-1, nearest codes, nothing held (float32)."""
+    mcfg = fw.w.config
+    heads, d = mcfg.heads, mcfg.head_dim
     dev = fw.w.device
     ids = token_ids.to(dev)
     n = len(ids)
@@ -161,19 +186,17 @@ def build_fast_chunk(fw: FastWeights, token_ids: torch.Tensor, macs: MacCounter)
     x = embed(fw.w, ids, pos)
     layers = []
     all_heads = torch.arange(heads, device=dev).repeat(n)
+    none = torch.full((n * heads,), -1, dtype=torch.long, device=dev)
     for layer, lw in enumerate(fw.w.layers):
-        q, k, v = qkv(lw, x, heads, macs)
-        s = torch.einsum("ihd,jhd->ihj", q, k) / math.sqrt(d)  # (n, H, n)
-        macs.add("attn_scores", n * n * heads * d)
-        lse = torch.logsumexp(s, -1)
-        ctx = torch.einsum("ihj,jhd->ihd", torch.exp(s - lse.unsqueeze(-1)), v)
-        macs.add("attn_values", n * n * heads * d)
-        codes, _ = _nearest(fw, layer, ctx.reshape(n * heads, d), all_heads, macs)
+        q, k, v = _qkv(fw, layer, x, macs)
+        lse, ctx = _attend(q, k, v, macs)
+        codes, slack, _ = _requantize(fw, cfg, layer, ctx.reshape(n * heads, d), all_heads,
+                                      none, macs)
         codes = codes.view(n, heads)
         layers.append(FastLayer(q.to(STORE), k.to(STORE), v.to(STORE), lse,
-                                torch.zeros(n, heads, dtype=STORE, device=dev),
-                                codes.to(torch.uint8)))
-        x = feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), cfg.layer_norm_eps, macs)
+                                slack.view(n, heads).to(STORE), codes.to(torch.uint8)))
+        x = feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), mcfg.layer_norm_eps,
+                               macs)
     out = x.to(STORE)
     return FastChunk(ids, pos, layers, out, _pooled(out))
 
@@ -249,81 +272,68 @@ def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
     x_s = embed(fw.w, ids[s_idx], pos[s_idx])
     report = FastUpdate()
     layers: list[FastLayer] = []
+    all_heads = torch.arange(heads, device=dev)
+    identity = m == r1 - r0  # same row count: old row i is new row i
     for layer, (old, lw) in enumerate(zip(chunk.layers, fw.w.layers, strict=True)):
         report.rows_changed.append(len(s_idx))
-        q, k, v = old.q[gather], old.k[gather], old.v[gather]
-        lse, held, codes = old.lse[gather], old.held[gather], old.codes[gather].long()
+        if identity:
+            q, k, v = old.q.clone(), old.k.clone(), old.v.clone()
+            lse, slack, codes = old.lse.clone(), old.slack.clone(), old.codes.long()
+        else:
+            q, k, v = old.q[gather], old.k[gather], old.v[gather]
+            lse, slack, codes = old.lse[gather], old.slack[gather], old.codes[gather].long()
         codes[old_src < 0] = -1
         s_src = old_src[s_idx]
         left = torch.cat([deleted, s_src[s_src >= 0]])  # old rows whose keys leave
         if len(s_idx) == 0 and len(left) == 0:
-            layers.append(FastLayer(q, k, v, lse, held, codes.to(torch.uint8)))
+            layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
             continue
-        q_s, k_s, v_s = qkv(lw, x_s, heads, macs)
+        q_s, k_s, v_s = _qkv(fw, layer, x_s, macs)
         in_s = torch.zeros(n, dtype=torch.bool, device=dev)
         in_s[s_idx] = True
         t_idx = (~in_s).nonzero().squeeze(1)
-        # 2. Attention mass the changed keys take from / give to every other row.
-        q_t = q[t_idx].to(F32)
-        lse_t = lse[t_idx].unsqueeze(-1)
-        mass = torch.exp(torch.einsum("thd,shd->ths", q_t, k_s) * scale - lse_t).sum(-1)
-        if len(left):
-            k_left = chunk.layers[layer].k[left].to(F32)
-            mass += torch.exp(torch.einsum("thd,rhd->thr", q_t, k_left) * scale - lse_t).sum(-1)
-        macs.add("attn_scores", len(t_idx) * (len(s_idx) + len(left)) * heads * d)
-        held_t = held[t_idx].to(F32) + mass
-        over = held_t > cfg.attention_budget
-        held[t_idx] = held_t.to(STORE)
+        # 2. How far the keys that left and came in moved every other row's context: weights
+        #    against the row's stored normaliser, values' offsets from the row's code vector.
+        keys = torch.cat([k_s, chunk.layers[layer].k[left].to(F32)])
+        vals = torch.cat([v_s, chunk.layers[layer].v[left].to(F32)])
+        sign = torch.ones(len(keys), dtype=F32, device=dev)
+        sign[len(k_s):] = -1.0
+        w = torch.exp(torch.einsum("thd,jhd->thj", q[t_idx].to(F32), keys) * scale
+                      - lse[t_idx].unsqueeze(-1)) * sign  # (T, H, J)
+        code_vec = fw.codebooks.codes[layer][all_heads, codes[t_idx]]  # (T, H, d)
+        w_sum = w.sum(-1)
+        move = (torch.einsum("thj,jhd->thd", w, vals) - w_sum.unsqueeze(-1) * code_vec)
+        drift = move.norm(dim=-1) / (1.0 + w_sum).clamp_min(1e-6)
+        macs.add("attn_scores", len(t_idx) * len(keys) * heads * d)
+        macs.add("attn_values", len(t_idx) * len(keys) * heads * d)
+        slack_t = slack[t_idx].to(F32) - drift
+        slack[t_idx] = slack_t.to(STORE)
+        # 3. Recompute whole contexts of S and of rows whose slack ran out; re-quantize them.
+        u_idx = torch.cat([s_idx, t_idx[(slack_t < 0).any(-1)]])
         q[s_idx], k[s_idx], v[s_idx] = q_s.to(STORE), k_s.to(STORE), v_s.to(STORE)
-        k32, v32 = k.to(F32), v.to(F32)
-        # Rows in S: whole context.
-        sc = torch.einsum("shd,jhd->shj", q_s, k32) * scale
-        lse_s = torch.logsumexp(sc, -1)
-        ctx_s = torch.einsum("shj,jhd->shd", torch.exp(sc - lse_s.unsqueeze(-1)), v32)
-        macs.add("attn_scores", len(s_idx) * n * heads * d)
-        macs.add("attn_values", len(s_idx) * n * heads * d)
-        lse[s_idx] = lse_s
-        held[s_idx] = 0
-        # Other rows: only the heads whose held mass passed the budget.
-        t_rows, t_heads = over.nonzero(as_tuple=True)
-        t_rows = t_idx[t_rows]
-        if len(t_rows):
-            q_p = q[t_rows, t_heads].to(F32)  # (P, d)
-            sp = torch.einsum("pd,jpd->pj", q_p, k32[:, t_heads]) * scale
-            lse_p = torch.logsumexp(sp, -1)
-            ctx_p = torch.einsum("pj,jpd->pd", torch.exp(sp - lse_p.unsqueeze(-1)),
-                                 v32[:, t_heads])
-            macs.add("attn_scores", len(t_rows) * n * d)
-            macs.add("attn_values", len(t_rows) * n * d)
-            lse[t_rows, t_heads] = lse_p
-            held[t_rows, t_heads] = 0
-        # 3. Re-quantize the recomputed contexts, with hysteresis.
-        s_rows = s_idx.repeat_interleave(heads)
-        s_heads = torch.arange(heads, device=dev).repeat(len(s_idx))
-        p_rows = torch.cat([s_rows, t_rows])
-        p_heads = torch.cat([s_heads, t_heads])
-        p_ctx = torch.cat([ctx_s.reshape(-1, d)] + ([ctx_p] if len(t_rows) else []))
-        p_old = codes[p_rows, p_heads]
-        new_codes, searched = _requantize(fw, cfg, layer, p_ctx, p_heads, p_old, macs)
+        q_u = torch.cat([q_s, q[u_idx[len(s_idx):]].to(F32)])
+        lse_u, ctx_u = _attend(q_u, k.to(F32), v.to(F32), macs)
+        lse[u_idx] = lse_u
+        p_old = codes[u_idx].reshape(-1)
+        new_codes, new_slack, searched = _requantize(
+            fw, cfg, layer, ctx_u.reshape(-1, d), all_heads.repeat(len(u_idx)), p_old, macs)
         report.searched += searched
-        report.full_rows += len(p_rows)
-        flipped = (new_codes != p_old) & (p_old >= 0)
+        report.full_rows += len(u_idx)
+        flipped = ((new_codes != p_old) & (p_old >= 0)).view(len(u_idx), heads).any(-1)
         report.code_flips += int(flipped.sum())
-        codes[p_rows, p_heads] = new_codes
+        codes[u_idx] = new_codes.view(len(u_idx), heads)
+        slack[u_idx] = new_slack.view(len(u_idx), heads).to(STORE)
         # 4. The rest of the block for S and the rows whose code changed.
-        moved = torch.zeros(n, dtype=torch.bool, device=dev)
-        moved[p_rows[flipped]] = True
-        moved &= ~in_s
-        f_idx = moved.nonzero().squeeze(1)
+        f_idx = u_idx[len(s_idx):][flipped[len(s_idx):]]
         if len(f_idx):
             x_f = _row_inputs(fw, layers, ids, pos, f_idx, layer, macs)
             s_idx, x_in = torch.cat([s_idx, f_idx]), torch.cat([x_s, x_f])
         else:
             x_in = x_s
-        layers.append(FastLayer(q, k, v, lse, held, codes.to(torch.uint8)))
+        layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
         x_s = feed_forward_block(lw, x_in, _lookup(fw, layer, codes[s_idx], macs),
                                  mcfg.layer_norm_eps, macs)
-    out = chunk.out[gather]
+    out = chunk.out.clone() if identity else chunk.out[gather]
     if len(s_idx):
         out[s_idx] = x_s.to(STORE)
     canon = torch.arange(n, device=dev)

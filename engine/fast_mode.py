@@ -10,9 +10,11 @@ divergence for reuse, with four knobs:
   left; no other row is renumbered, so rows after the edit keep their layer-0 input;
 - code hysteresis: a row keeps its code unless the nearest code is closer than it by more than
   tau_l = `tau` x (median distance from a code to its nearest neighbour in layer l's codebooks);
-- held attention: a row's context is recomputed only once the attention mass of the keys that
-  changed since its last recompute passes `attention_budget` (mass measured against the row's
-  stored softmax normaliser); below it the row keeps its context, hence its code;
+- held contexts: a row whose own input did not change gets an estimate of how far the changed
+  keys moved its context (their attention weights against the row's stored softmax normaliser,
+  times their values' offset from the row's code vector); its context is recomputed only once
+  the moves add up past its slack: the distance it can travel before hysteresis could replace
+  its code, and at least `context_tolerance` x the layer's median code gap;
 - refresh: a chunk is rebuilt canonically (a fresh build: canonical ids, nearest codes, nothing
   held) after `refresh_edits` incremental updates, or when a row's id is more than
   `refresh_displacement` away from its canonical index. This bounds how far history can pull
@@ -37,22 +39,27 @@ MAX_POSITIONS = 512
 @dataclass(frozen=True)
 class FastModeConfig:
     tau: float = 0.5
-    attention_budget: float = 0.02
+    context_tolerance: float = 0.05
     refresh_edits: int = 64
     refresh_displacement: int = 16
     shift_limit: int = 2
 
     def __post_init__(self) -> None:
-        if self.tau < 0 or self.attention_budget < 0:
-            raise ValueError("tau and attention_budget must be >= 0")
+        if self.tau < 0 or self.context_tolerance < 0:
+            raise ValueError("tau and context_tolerance must be >= 0")
         if self.refresh_edits < 0 or self.refresh_displacement < 0 or self.shift_limit < 0:
             raise ValueError("refresh budgets and shift_limit must be >= 0")
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"tau": self.tau, "attention_budget": self.attention_budget,
+        return {"tau": self.tau, "context_tolerance": self.context_tolerance,
                 "refresh_edits": self.refresh_edits,
                 "refresh_displacement": self.refresh_displacement,
                 "shift_limit": self.shift_limit}
+
+
+def fast_config(**overrides: float | int | None) -> FastModeConfig:
+    """The default dial with the given (non-None) settings replaced."""
+    return FastModeConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
@@ -64,6 +71,7 @@ class FastWeights:
     tables: list[torch.Tensor]  # per layer (H, K, C): W_o,h . codebook_h, float32
     code_gap: torch.Tensor  # (layers, H, K) distance from each code to its nearest other code
     gap_median: torch.Tensor  # (layers,) median of code_gap per layer: tau's unit
+    wqkv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer Q, K, V stacked: (3C, C), (3C,)
     extra: dict = field(default_factory=dict)
 
 
@@ -79,7 +87,9 @@ def fast_weights(model) -> FastWeights:
     dist = torch.cdist(codes.flatten(0, 1), codes.flatten(0, 1))  # (L*H, K, K)
     dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
     gap = dist.amin(-1).view(codes.shape[:3])
-    fw = FastWeights(w32, codebooks, tables, gap, gap.flatten(1).median(-1).values)
+    wqkv = [(torch.cat([lw.wq, lw.wk, lw.wv]), torch.cat([lw.bq, lw.bk, lw.bv]))
+            for lw in w32.layers]
+    fw = FastWeights(w32, codebooks, tables, gap, gap.flatten(1).median(-1).values, wqkv)
     model._fast_weights = fw
     return fw
 

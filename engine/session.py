@@ -41,6 +41,7 @@ class ChunkUpdate:
     rows_changed: list[int] = field(default_factory=list)
     searched: int = 0
     rebuilt: bool = False
+    refreshed: bool = False  # fast mode: rebuilt because a refresh budget was passed
     full_rows: int = 0  # rows whose softmax state was recomputed whole (incl. changed rows)
     rebased: int = 0  # unchanged rows recomputed whole for precision (rebase / cancellation)
     # Smallest margin/2 - drift among (row, head) searches skipped: how close a skipped search
@@ -118,6 +119,9 @@ def update_chunk(model: VQModel, acts: ChunkActivations, content: Sequence[int],
     return ChunkActivations(ids, pos, layers, x), report
 
 
+REFRESH = "refresh"  # what a mode's update returns when the chunk must be rebuilt canonically
+
+
 class ExactChunks:
     """Exact mode: every chunk equals a fresh build of its tokens (float64, canonical ids)."""
 
@@ -151,14 +155,14 @@ class FastChunks:
         self.config = config
 
     def build(self, ids: torch.Tensor, macs: MacCounter) -> FastChunk:
-        return build_fast_chunk(self.fw, ids, macs)
+        return build_fast_chunk(self.fw, self.config, ids, macs)
 
     def update(self, chunk: FastChunk, content: Sequence[int], prefix: int, suffix: int,
-               macs: MacCounter) -> tuple[FastChunk, FastUpdate] | None:
+               macs: MacCounter) -> tuple[FastChunk, FastUpdate] | str | None:
         cfg = self.config
         if ((cfg.refresh_edits and chunk.edits + 1 >= cfg.refresh_edits)
                 or (cfg.refresh_displacement and chunk.displacement > cfg.refresh_displacement)):
-            return None  # refresh: rebuild canonically
+            return REFRESH  # rebuild canonically
         if prefix + suffix == 0:
             return None  # nothing kept
         return update_fast_chunk(self.fw, cfg, chunk, content, prefix, suffix, macs)
@@ -280,11 +284,12 @@ class DocumentSession:
             prefix, suffix = common_ends(old_content or [], content)
             done = (self.engine.update(old, content, prefix, suffix, self.macs)
                     if old is not None else None)
-            if done is not None:
+            if done is not None and done is not REFRESH:
                 acts, update = done
             else:
                 acts = self._build(content)
-                update = ChunkUpdate([len(acts.token_ids)] * self.model.cfg.layers, 0, True)
+                update = ChunkUpdate([len(acts.token_ids)] * self.model.cfg.layers, 0, True,
+                                     refreshed=done is REFRESH)
             new_chunks.append(acts)
             updates.append(update)
         self.chunks = new_chunks

@@ -19,8 +19,22 @@ def bench() -> None:
 @click.option("--docs", type=int, default=5, show_default=True,
               help="Replay the first N documents of the stream.")
 @click.option("--events", type=int, default=40, show_default=True,
-              help="At most N edit events per document (keeps a CPU run to a few minutes: "
-                   "every edit also re-runs the dense model on the whole document).")
+              help="At most N edit events per document, 0 = all (every edit also re-runs the "
+                   "dense model on the whole document).")
+@click.option("--mode", type=click.Choice(["exact", "fast"]), default="fast",
+              show_default=True, help="Engine mode to measure.")
+@click.option("--tau", type=float, default=None,
+              help="Fast mode: code hysteresis, x the median code gap (default: the mode's).")
+@click.option("--context-tolerance", type=float, default=None,
+              help="Fast mode: context drift held without recompute, x the median code gap.")
+@click.option("--refresh-edits", type=int, default=None,
+              help="Fast mode: rebuild a chunk canonically after N updates (0 = never).")
+@click.option("--refresh-displacement", type=int, default=None,
+              help="Fast mode: rebuild a chunk when a row's id is this far from canonical.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch CPU threads (1 = the comparison the README reports).")
+@click.option("--full-dense-every", type=int, default=1, show_default=True,
+              help="Time the full dense re-run every N edits (its MACs are counted always).")
 @click.option("--model", "model", default="polarity-minilm-vq64", show_default=True,
               help="Model bundle: a name under engine/bundles or a directory.")
 @click.option("--device", default="auto", show_default=True,
@@ -32,15 +46,25 @@ def bench() -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               required=True, help="Write the result JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bar or table.")
-def engine_cmd(stream: Path, docs: int, events: int, model: str, device: str,
-               chunk_tokens: int, codebooks: str | None,
+def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | None,
+               context_tolerance: float | None, refresh_edits: int | None,
+               refresh_displacement: int | None, threads: int, full_dense_every: int,
+               model: str,
+               device: str, chunk_tokens: int, codebooks: str | None,
                json_out: Path, quiet: bool) -> None:
-    """Replay an edit stream: incremental VQ inference vs dense re-runs (MACs, seconds,
-    exactness, tokenization)."""
-    from engine.bench import render_table, run_bench
+    """Replay an edit stream through the engine and its peers (chunk cache, full dense
+    re-run): MACs, seconds, bytes per token, divergence from a fresh exact build."""
+    import torch
 
+    from engine.bench import render_table, run_bench
+    from engine.fast_mode import fast_config
+
+    torch.set_num_threads(threads)
+    fast = fast_config(tau=tau, context_tolerance=context_tolerance,
+                       refresh_edits=refresh_edits, refresh_displacement=refresh_displacement)
     result = run_bench(stream, docs=docs, events=events, model_bundle=model, device=device,
-                       chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet)
+                       chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet,
+                       mode=mode, fast=fast, full_dense_every=full_dense_every)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     if not quiet:

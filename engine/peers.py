@@ -1,0 +1,136 @@
+"""What a user would run instead of the engine, and the reference it is judged against.
+
+- `ChunkCache`: the peer a user could build in an afternoon. Same tokens and the same content-
+  defined chunks as the engine; keeps ONE pooled float32 vector per chunk (keyed by the chunk's
+  token ids) and re-runs the dense float32 MiniLM only on chunks whose ids it has not seen.
+  Timed on its dense forwards alone: its change detection is given to it for free.
+- `full_dense`: re-run the dense float32 MiniLM on the whole document (tokenize the whole text,
+  forward every chunk), what a user without any cache runs.
+- `FreshReference`: a fresh EXACT build of the current text (float64 VQ model, canonical
+  positions, nearest codes), whose per-chunk pooled vectors are cached by the chunk's token ids
+  (a chunk's activations depend only on its ids), so measuring divergence after every edit
+  costs one dense forward per touched chunk. Nothing comes from the engine's state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from engine.chunks import ChunkPolicy, chunk_lengths, offsets, word_continuation_mask
+from engine.head import document_pooled
+from engine.macs import MacCounter
+from engine.minilm import forward_dense
+from engine.vq_model import VQModel
+
+
+def _chunk_ids(cls_id: int, sep_id: int, ids: Sequence[int], device) -> torch.Tensor:
+    return torch.tensor([cls_id, *ids, sep_id], dtype=torch.long, device=device)
+
+
+class _PooledCache:
+    """LRU of chunk token ids -> pooled vector, so a long replay does not grow without bound."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+        return hit
+
+    def put(self, key: tuple[int, ...], value: torch.Tensor) -> None:
+        self.entries[key] = value
+        while len(self.entries) > self.limit:
+            self.entries.popitem(last=False)
+
+
+class ChunkCache:
+    """Dense float32 model re-run only on chunks whose token ids changed."""
+
+    def __init__(self, model: VQModel, cls_id: int, sep_id: int):
+        self.model = model
+        self.cls_id, self.sep_id = cls_id, sep_id
+        self.pooled: list[torch.Tensor] = []
+        self.counts: list[int] = []
+        self.known = _PooledCache()
+
+    def update(self, ids: Sequence[int], lengths: Sequence[int],
+               macs: MacCounter) -> tuple[float, torch.Tensor]:
+        """Bring the cache to these tokens and chunks; (seconds of dense work, doc pooled)."""
+        seconds = 0.0
+        pooled, counts = [], []
+        for start, n in zip(offsets(list(lengths)), lengths, strict=True):
+            key = tuple(ids[start : start + n])
+            vec = self.known.get(key)
+            if vec is None:
+                started = time.perf_counter()
+                chunk = _chunk_ids(self.cls_id, self.sep_id, key, self.model.device)
+                with torch.inference_mode():
+                    out = forward_dense(self.model.original, chunk,
+                                        torch.arange(len(chunk), device=chunk.device), macs)
+                    vec = out.mean(0)
+                if chunk.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - started
+                self.known.put(key, vec)
+            pooled.append(vec)
+            counts.append(n + 2)
+        self.pooled, self.counts = pooled, counts
+        return seconds, document_pooled(pooled, counts)
+
+    def nbytes(self) -> int:
+        """What the peer must hold per document: one vector per chunk and the token ids
+        (int32), to know which chunks changed."""
+        vec = sum(v.numel() * v.element_size() for v in self.pooled)
+        return vec + 4 * sum(n - 2 for n in self.counts)
+
+
+def full_dense(model: VQModel, tokenizer: Any, text: str, policy: ChunkPolicy,
+               macs: MacCounter) -> tuple[float, torch.Tensor]:
+    """Tokenize the whole text, cut it, forward every chunk (dense float32). Timed."""
+    started = time.perf_counter()
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    lengths = chunk_lengths(ids, policy, word_continuation_mask(tokenizer))
+    pooled = []
+    with torch.inference_mode():
+        for start, n in zip(offsets(lengths), lengths, strict=True):
+            chunk = _chunk_ids(tokenizer.cls_token_id, tokenizer.sep_token_id,
+                               ids[start : start + n], model.device)
+            out = forward_dense(model.original, chunk,
+                                torch.arange(len(chunk), device=chunk.device), macs)
+            pooled.append(out.mean(0))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, document_pooled(pooled, [n + 2 for n in lengths])
+
+
+class FreshReference:
+    """Logits of a fresh exact build of a text, chunk forwards cached by token ids."""
+
+    def __init__(self, model: VQModel, tokenizer: Any, policy: ChunkPolicy):
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.continues_word = word_continuation_mask(tokenizer)
+        self.known = _PooledCache()
+
+    def logits(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        lengths = chunk_lengths(ids, self.policy, self.continues_word)
+        pooled = []
+        scratch = MacCounter()
+        for start, n in zip(offsets(lengths), lengths, strict=True):
+            key = tuple(ids[start : start + n])
+            vec = self.known.get(key)
+            if vec is None:
+                chunk = _chunk_ids(self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
+                                   key, self.model.device)
+                vec = self.model.forward(chunk, torch.arange(len(chunk)), scratch).pooled
+                self.known.put(key, vec)
+            pooled.append(vec)
+        return self.model.head.logits(document_pooled(pooled, [n + 2 for n in lengths]))
