@@ -84,6 +84,18 @@ def _candidates(scores: torch.Tensor, cut_every: int) -> list[int]:
     return torch.nonzero((scores % cut_every == 0) & (scores < _PRIME)).flatten().tolist()
 
 
+def _next_cut(scores: torch.Tensor, candidates: list[int], start: int, base: int,
+              policy: ChunkPolicy) -> int:
+    """Where the chunk starting at token `start` ends: the first candidate in its allowed
+    range, else the first lowest score there. `scores`/`candidates` cover tokens from `base`
+    on (candidates as absolute indices)."""
+    lo, hi = start + policy.min_content, start + policy.max_content
+    i = bisect.bisect_left(candidates, lo)
+    if i < len(candidates) and candidates[i] <= hi:
+        return candidates[i]
+    return lo + int(torch.argmin(scores[lo - base : hi + 1 - base]))  # first lowest score
+
+
 def chunk_lengths(ids: Sequence[int], policy: ChunkPolicy,
                   continues_word: torch.Tensor | None = None) -> list[int]:
     """Content lengths of the chunks of a document (never empty: [0] for no tokens).
@@ -100,16 +112,60 @@ def chunk_lengths(ids: Sequence[int], policy: ChunkPolicy,
     lengths: list[int] = []
     start = 0
     while n - start > policy.max_content:
-        lo, hi = start + policy.min_content, start + policy.max_content
-        i = bisect.bisect_left(candidates, lo)
-        if i < len(candidates) and candidates[i] <= hi:
-            cut = candidates[i]
-        else:
-            cut = lo + int(torch.argmin(scores[lo : hi + 1]))  # first lowest score
+        cut = _next_cut(scores, candidates, start, 0, policy)
         lengths.append(cut - start)
         start = cut
     lengths.append(n - start)
     return lengths
+
+
+def window_scores(ids: Sequence[int], lo: int, hi: int,
+                  continues_word: torch.Tensor | None = None) -> torch.Tensor:
+    """cut_scores(ids)[lo:hi], computed from ids[lo-2:hi] only."""
+    base = max(0, lo - 2)
+    return cut_scores(ids[base:hi], continues_word)[lo - base :]
+
+
+def relayout(ids: Sequence[int], old_lengths: Sequence[int], edit_start: int, deleted: int,
+             inserted: int, policy: ChunkPolicy,
+             continues_word: torch.Tensor | None = None) -> tuple[int, int, list[int]]:
+    """The chunk layout of the edited tokens, re-cut only around the edit.
+
+    `ids` are the tokens after replacing old tokens [edit_start, edit_start+deleted) by
+    `inserted` new ones; `old_lengths` is the layout before. Returns (first, replaced, lengths):
+    old chunks first..first+replaced-1 become chunks of these content lengths, every other
+    chunk is unchanged. Equals chunk_lengths(ids) (tested): a chunk's cut reads scores in
+    [start+min, start+max] only, so cuts whose range ends before the edit stand, and the scan
+    stops at the first new cut that is an old cut (shifted) with unchanged tokens from two
+    before it on, from where every later decision is the old one.
+    """
+    n = len(ids)
+    if n <= policy.max_content or len(old_lengths) == 1:
+        return 0, len(old_lengths), chunk_lengths(ids, policy, continues_word)
+    old_starts = offsets(list(old_lengths))
+    delta = inserted - deleted
+    # First chunk whose decision range reaches the edit: the cuts before it stand.
+    first = bisect.bisect_left([s + policy.max_content for s in old_starts], edit_start)
+    first = min(first, len(old_lengths) - 1)
+    stable_from = edit_start + inserted + 2  # new index from which cut scores are unchanged
+    old_cut_at = {s + delta: k for k, s in enumerate(old_starts)
+                  if k > first and s + delta >= stable_from}
+    base = start = old_starts[first]
+    span = 4 * policy.max_content
+    hi = 0
+    lengths: list[int] = []
+    while n - start > policy.max_content:
+        if hi <= start + policy.max_content:  # score (again) far enough ahead
+            hi = min(n, start + policy.max_content + span)
+            scores = window_scores(ids, base, hi, continues_word)
+            cands = [c + base for c in _candidates(scores, policy.cut_spacing)]
+        cut = _next_cut(scores, cands, start, base, policy)
+        lengths.append(cut - start)
+        start = cut
+        if cut in old_cut_at:  # re-synchronised with the old layout
+            return first, old_cut_at[cut] - first, lengths
+    lengths.append(n - start)
+    return first, len(old_lengths) - first, lengths
 
 
 _WORD_PIECE_MASKS: dict[int, torch.Tensor] = {}

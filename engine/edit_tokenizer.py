@@ -15,8 +15,10 @@ the token edit handed to the model is minimal.
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from engine.text_ops import TextChange
 
@@ -36,21 +38,33 @@ class TokenEdit:
         return self.deleted == 0 and not self.inserted
 
 
-@dataclass
 class TokenizedText:
-    """A text's WordPiece ids (no special tokens) and their character spans."""
+    """A text's WordPiece ids (no special tokens) and their character spans.
 
-    text: str
-    ids: list[int] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
+    The spans live in numpy arrays: after an edit every later span moves by the same amount,
+    which is one vectorised add instead of a Python loop over the document.
+    """
+
+    def __init__(self, text: str, ids: Sequence[int] = (), starts: Sequence[int] = (),
+                 ends: Sequence[int] = ()):
+        self.text = text
+        self.ids: list[int] = list(ids)
+        self.start_arr = np.asarray(starts, dtype=np.int64)
+        self.end_arr = np.asarray(ends, dtype=np.int64)
+
+    @property
+    def starts(self) -> list[int]:
+        return self.start_arr.tolist()
+
+    @property
+    def ends(self) -> list[int]:
+        return self.end_arr.tolist()
 
 
 def tokenize(tokenizer, text: str, offset: int = 0) -> TokenizedText:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    starts = [s + offset for s, _ in enc["offset_mapping"]]
-    ends = [e + offset for _, e in enc["offset_mapping"]]
-    return TokenizedText(text, list(enc["input_ids"]), starts, ends)
+    spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2) + offset
+    return TokenizedText(text, enc["input_ids"], spans[:, 0], spans[:, 1])
 
 
 def _left_boundary(text: str, pos: int) -> int:
@@ -79,15 +93,16 @@ def apply_text_change(tokenizer, old: TokenizedText, new_text: str,
     text = old.text
     a, b = change.start, change.start + change.deleted  # changed span in old text
     # One old token of slack on each side, then out to whitespace boundaries.
-    i = bisect.bisect_left(old.ends, a + 1)  # first token ending after a
-    a2 = old.starts[i - 1] if i > 0 else 0
-    j = bisect.bisect_left(old.starts, b)  # first token starting at/after b
-    b2 = old.ends[j] if j < len(old.ids) else len(text)
+    starts, ends = old.start_arr, old.end_arr
+    i = int(np.searchsorted(ends, a + 1))  # first token ending after a
+    a2 = int(starts[i - 1]) if i > 0 else 0
+    j = int(np.searchsorted(starts, b))  # first token starting at/after b
+    b2 = int(ends[j]) if j < len(old.ids) else len(text)
     wa = _left_boundary(text, min(a, a2))
     wb = _right_boundary(text, max(b, b2))
     # Old tokens inside [wa, wb): none crosses a boundary, so the window cuts cleanly.
-    ti = bisect.bisect_left(old.starts, wa)
-    tj = bisect.bisect_left(old.starts, wb)
+    ti = int(np.searchsorted(starts, wa))
+    tj = int(np.searchsorted(starts, wb))
     delta = change.inserted - change.deleted
     piece = tokenize(tokenizer, new_text[wa : wb + delta], offset=wa)
     old_ids = old.ids[ti:tj]
@@ -100,12 +115,8 @@ def apply_text_change(tokenizer, old: TokenizedText, new_text: str,
            and old_ids[-1 - s] == piece.ids[-1 - s]):
         s += 1
     old.ids[ti:tj] = piece.ids
-    old.starts[ti:tj] = piece.starts
-    old.ends[ti:tj] = piece.ends
-    if delta:
-        k = ti + len(piece.ids)
-        old.starts[k:] = [x + delta for x in old.starts[k:]]
-        old.ends[k:] = [x + delta for x in old.ends[k:]]
+    old.start_arr = np.concatenate([starts[:ti], piece.start_arr, starts[tj:] + delta])
+    old.end_arr = np.concatenate([ends[:ti], piece.end_arr, ends[tj:] + delta])
     old.text = new_text
     edit = TokenEdit(ti + p, len(old_ids) - p - s, tuple(piece.ids[p : len(piece.ids) - s]))
     return old, edit

@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
-from engine.chunks import ChunkPolicy, chunk_lengths, offsets, word_continuation_mask
+from engine.chunks import (
+    ChunkPolicy,
+    chunk_lengths,
+    offsets,
+    relayout,
+    word_continuation_mask,
+)
 from engine.edit_tokenizer import TokenEdit, apply_text_change, tokenize
 from engine.fast_chunk import FastChunk, FastUpdate, build_fast_chunk, update_fast_chunk
 from engine.fast_mode import FastModeConfig, fast_weights
@@ -194,15 +200,13 @@ class DocumentSession:
         self.sep_id = tokenizer.sep_token_id
         self.tokens = tokenize(tokenizer, text)
         self.continues_word = word_continuation_mask(tokenizer)
-        self.chunks: list[ChunkActivations] = []
+        self.chunks: list[ChunkActivations | FastChunk] = []
         ids = self.tokens.ids
-        for start, n in zip(*self._layout(ids), strict=True):
+        self._lengths = chunk_lengths(ids, self.policy, self.continues_word)
+        for start, n in zip(offsets(self._lengths), self._lengths, strict=True):
             self.chunks.append(self._build(ids[start : start + n]))
-
-    def _layout(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        """(starts, lengths) of the chunks a fresh build of these tokens gets."""
-        lengths = chunk_lengths(ids, self.policy, self.continues_word)
-        return offsets(lengths), lengths
+        self._sum = self._exact_sum()
+        self._edits_since_sum = 0
 
     # ----- reading
     @property
@@ -212,7 +216,7 @@ class DocumentSession:
     @property
     def chunk_lengths(self) -> list[int]:
         """Content tokens per chunk (without [CLS]/[SEP])."""
-        return [len(c.token_ids) - 2 for c in self.chunks]
+        return list(self._lengths)
 
     def nbytes(self) -> int:
         """Memory held by the activations of all chunks (tokens and text not counted)."""
@@ -221,9 +225,17 @@ class DocumentSession:
     def chunk_logits(self, index: int) -> torch.Tensor:
         return self.model.head.logits(self.chunks[index].pooled)
 
+    def _exact_sum(self) -> torch.Tensor:
+        """Sum over chunks of pooled x rows (float64): the document vector times its rows."""
+        return sum((c.pooled.to(torch.float64) * len(c.token_ids) for c in self.chunks),
+                   torch.zeros(self.model.cfg.hidden, dtype=torch.float64,
+                               device=self.model.device))
+
     def pooled(self) -> torch.Tensor:
-        return document_pooled([c.pooled for c in self.chunks],
-                               [len(c.token_ids) for c in self.chunks])
+        """Token-count-weighted mean of the chunks' pooled vectors (= engine.head.
+        document_pooled), kept as a running sum so reading it does not visit every chunk."""
+        rows = sum(self._lengths) + 2 * len(self._lengths)
+        return self._sum / rows
 
     def logits(self) -> torch.Tensor:
         return self.model.head.logits(self.pooled())
@@ -251,36 +263,46 @@ class DocumentSession:
         return self.engine.build(ids, self.macs)
 
     def apply_token_edit(self, edit: TokenEdit) -> tuple[list[int], list[ChunkUpdate]]:
-        """Re-cut the edited tokens and bring each chunk up to date, reusing what is unchanged.
+        """Re-cut the edited tokens around the edit and bring each chunk there up to date.
 
         The session's token list must already be the edited one (apply_change does that); the
-        chunks still hold the old tokens. A new chunk that starts where an old chunk started
-        (mapped across the edit) is that old chunk, kept as is when its tokens are unchanged and
-        updated incrementally otherwise; any other new chunk is built.
+        chunks still hold the old tokens. engine.chunks.relayout re-cuts only the chunks near
+        the edit (the layout equals a fresh cut of all tokens); the rest are kept untouched, so
+        an edit costs nothing per chunk elsewhere in the document. Inside the re-cut region a
+        new chunk that starts where an old chunk started (mapped across the edit) is that old
+        chunk, kept as is when its tokens are unchanged and updated incrementally otherwise;
+        any other new chunk is built.
         """
         if edit.is_noop:
             return [], []
         ids = self.tokens.ids
-        old_starts = offsets(self.chunk_lengths)
+        first, replaced, lengths = relayout(ids, self._lengths, edit.start, edit.deleted,
+                                            len(edit.inserted), self.policy,
+                                            self.continues_word)
+        region_start = sum(self._lengths[:first]) if first else 0
         shift = len(edit.inserted) - edit.deleted
         edit_end = edit.start + edit.deleted  # in old coordinates
-        by_new_start: dict[int, ChunkActivations] = {}
-        for start, acts in zip(old_starts, self.chunks, strict=True):
+        by_new_start: dict[int, ChunkActivations | FastChunk] = {}
+        start = region_start
+        for k in range(first, first + replaced):
             if start <= edit.start:
-                by_new_start[start] = acts
+                by_new_start[start] = self.chunks[k]
             elif start >= edit_end:
-                by_new_start[start + shift] = acts
-        new_chunks: list[ChunkActivations] = []
+                by_new_start[start + shift] = self.chunks[k]
+            start += self._lengths[k]
+        new_chunks: list[ChunkActivations | FastChunk] = []
         touched: list[int] = []
-        updates: list[ChunkUpdate] = []
-        for start, n in zip(*self._layout(ids), strict=True):
+        updates: list[ChunkUpdate | FastUpdate] = []
+        start = region_start
+        for n in lengths:
             content = ids[start : start + n]
             old = by_new_start.get(start)
+            start += n
             old_content = old.token_ids[1:-1].tolist() if old is not None else None
             if old_content == content:
                 new_chunks.append(old)
                 continue
-            touched.append(len(new_chunks))
+            touched.append(first + len(new_chunks))
             prefix, suffix = common_ends(old_content or [], content)
             done = (self.engine.update(old, content, prefix, suffix, self.macs)
                     if old is not None else None)
@@ -292,7 +314,17 @@ class DocumentSession:
                                      refreshed=done is REFRESH)
             new_chunks.append(acts)
             updates.append(update)
-        self.chunks = new_chunks
+        old_region = self.chunks[first : first + replaced]
+        self.chunks[first : first + replaced] = new_chunks
+        self._lengths[first : first + replaced] = lengths
+        self._edits_since_sum += 1
+        if self._edits_since_sum >= 256:  # wipe the running sum's rounding now and then
+            self._sum, self._edits_since_sum = self._exact_sum(), 0
+        else:
+            for c in old_region:
+                self._sum -= c.pooled.to(torch.float64) * len(c.token_ids)
+            for c in new_chunks:
+                self._sum += c.pooled.to(torch.float64) * len(c.token_ids)
         return touched, updates
 
     # ----- checking

@@ -21,18 +21,36 @@ def test_bench_engine_cli(tmp_path):
                        "sha1_after": sha1_hex(text)})
     stream = tmp_path / "s.jsonl"
     stream.write_text("".join(json.dumps(e) + "\n" for e in events))
-    out = tmp_path / "out.json"
-    result = CliRunner().invoke(bench, ["engine", "--stream", str(stream), "--docs", "1",
-                                        "--device", "cpu", "--chunk-tokens", "32",
-                                        "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(out.read_text())
-    for key in ("device", "model", "stream", "docs", "events", "macs_ratio",
-                "macs_ratio_vs_dense_vq", "time_ratio", "exact", "tokenization_mismatches",
-                "chunk_tokens", "k"):
-        assert key in data
-    assert data["events"] == 4 and data["noop_edits"] == 1
-    assert data["exact"]["max_abs_logit_diff"] <= 1e-4
-    assert data["exact"]["code_mismatch_rate"] == 0
-    assert data["tokenization_mismatches"] == 0 and data["sha1_mismatches"] == 0
-    assert data["macs_ratio"]["median"] > 0
+    data = {}
+    for mode in ("exact", "fast"):
+        out = tmp_path / f"{mode}.json"
+        result = CliRunner().invoke(bench, ["engine", "--stream", str(stream), "--docs", "1",
+                                            "--device", "cpu", "--chunk-tokens", "32",
+                                            "--mode", mode, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        data[mode] = json.loads(out.read_text())
+    for d in data.values():
+        assert d["events"] == 4 and d["noop_edits"] == 1
+        assert d["tokenization_mismatches"] == 0 and d["sha1_mismatches"] == 0
+        for peer in ("chunk_cache", "full_dense"):
+            for key in ("macs_ratio", "time_ratio"):
+                assert d["peers"][peer][key]["n"] == 3, (peer, key)
+                assert d["peers"][peer][key]["median"] > 0
+        assert d["bytes_per_token"]["engine"]["median"] > d["bytes_per_token"]["chunk_cache"][
+            "median"] > 0
+        assert d["divergence"]["revisions"] == 4
+    exact = data["exact"]
+    assert exact["mode"] == "exact" and exact["exact"]["checked"] >= 4
+    assert exact["exact"]["code_mismatches"] == 0 and exact["exact"]["codes_checked"] > 0
+    assert exact["exact"]["max_abs_logit_diff"] <= 1e-9
+    fresh = exact["vs_fresh_session"]
+    assert fresh["docs"] == 1 and fresh["max_abs_logit_diff"] <= 1e-9
+    assert fresh["layout_mismatches"] == fresh["code_mismatches"] == fresh["label_mismatches"] == 0
+    assert exact["divergence"]["label_agreement"] == 1.0
+    assert exact["divergence"]["max_prob_diff"]["max"] <= 1e-9
+    fast = data["fast"]
+    assert fast["mode"] == "fast" and fast["fast_config"]["tau"] > 0
+    assert 0 <= fast["divergence"]["max_prob_diff"]["median"] <= 1
+    # the engine state of the fast mode is float16, far below exact mode's float64 state
+    assert (fast["bytes_per_token"]["engine"]["median"]
+            < exact["bytes_per_token"]["engine"]["median"] / 4)

@@ -47,3 +47,29 @@ def test_no_cut_inside_a_word():
     mask = torch.tensor(continues)
     for c in cut_candidates(ids, 8, mask):
         assert ids[c] % 2 == 1
+
+
+def test_relayout_equals_a_fresh_cut_after_random_edits(tokenizer):
+    """The session re-cuts only around an edit (engine.chunks.relayout); the result must be the
+    layout a fresh cut of all tokens gets, for edits of every size, anywhere, in any text."""
+    from engine.chunks import relayout, word_continuation_mask
+
+    cw = word_continuation_mask(tokenizer)
+    rng = random.Random(7)
+    resynced = 0
+    for _ in range(400):
+        policy = ChunkPolicy(max_tokens=rng.choice([8, 12, 32, 64, 256]))
+        vocab = rng.choice([5, 50, 2000, 28000])  # 5: periodic text with few candidates
+        n = rng.randint(0, 2500)
+        ids = [rng.randrange(1000, 1000 + vocab) for _ in range(n)]
+        old = chunk_lengths(ids, policy, cw)
+        at = rng.randint(0, n)
+        deleted = rng.randint(0, min(n - at, rng.choice([0, 1, 5, 50, 600])))
+        inserted = rng.choice([0, 1, 3, 40, 700])
+        new_ids = (ids[:at] + [rng.randrange(1000, 1000 + vocab) for _ in range(inserted)]
+                   + ids[at + deleted :])
+        first, replaced, lengths = relayout(new_ids, old, at, deleted, inserted, policy, cw)
+        assert old[:first] + lengths + old[first + replaced :] == chunk_lengths(
+            new_ids, policy, cw)
+        resynced += first + replaced < len(old)
+    assert resynced > 50  # the scan usually stops long before the end of the document
