@@ -1,9 +1,9 @@
 """Revision ordering: duplicates, gaps, snapshots, rejections (state.ordering)."""
 
-from engine.text_ops import sha1_hex
+from engine.text_ops import TextChange, sha1_hex
 from state.document import DocumentState
 from state.edit_event import EditEvent
-from state.ordering import advance
+from state.ordering import AppliedRevision, advance
 
 
 def snapshot(rev: int, text: str, doc: str = "d1") -> EditEvent:
@@ -101,3 +101,94 @@ def test_a_held_event_that_turns_out_bad_is_rejected_and_draining_stops():
 
 def test_state_of_a_new_document_defaults():
     assert not DocumentState("x").exists
+
+
+# ------------------------------------------------------ edges found by mutation testing
+# (./dev mutate state/ordering.py; see benchmarks/mutation-state-ordering.json). What goes to
+# the dead-letter topic and what the worker publishes come straight from these fields.
+
+
+def test_a_new_document_gets_the_event_doc_id_and_an_applied_revision_says_everything():
+    d = advance(None, EditEvent("doc-7", 0, snapshot="hello", ts=17.5))
+    assert d.state.doc_id == "doc-7" and d.state_changed
+    assert d.applied == [AppliedRevision(0, TextChange(0, 0, 5), True, "hello", 17.5)]
+    d = advance(d.state, EditEvent("doc-7", 1, ops=[{"retain": 5}, {"insert": "!"}], ts=18))
+    assert d.applied == [AppliedRevision(1, TextChange(5, 0, 1), False, "hello!", 18)]
+    assert d.state_changed and d.state.needs_snapshot is False
+
+
+def test_a_resync_snapshot_replaces_the_whole_text():
+    state = advance(None, snapshot(0, "old text")).state
+    d = advance(state, snapshot(1, "new"))
+    assert d.applied[0].change == TextChange(start=0, deleted=8, inserted=3)
+    assert d.applied[0].is_snapshot and d.applied[0].text == "new"
+
+
+def test_state_changed_is_set_exactly_when_the_state_changes():
+    state = advance(None, snapshot(0, "a")).state
+    gap = advance(state, insert_at_end("ab", 2, "c"), max_held=1)
+    assert gap.outcome == "gap" and gap.state_changed
+    # Overflow: the needs_snapshot flag is set once (a state change), then stays set (none).
+    first = advance(gap.state, insert_at_end("abc", 3, "d"), max_held=1)
+    assert first.outcome == "dlq" and first.state_changed and first.state.needs_snapshot
+    again = advance(first.state, insert_at_end("abcd", 4, "e"), max_held=1)
+    assert again.outcome == "dlq" and not again.state_changed and again.state == first.state
+    # A rejected in-order event changes nothing; an applied one does.
+    bad = advance(state, insert_at_end("a", 1, "b", len_after=5))
+    assert bad.outcome == "dlq" and not bad.state_changed
+    assert advance(state, insert_at_end("a", 1, "b")).state_changed
+
+
+def test_draining_held_events_is_a_state_change_whether_they_apply_or_not():
+    state = advance(None, snapshot(0, "a")).state
+    good = advance(state, insert_at_end("ab", 2, "c")).state
+    d = advance(good, insert_at_end("a", 1, "b"))
+    assert d.state_changed and [a.rev for a in d.applied] == [1, 2] and d.state.held == {}
+    bad = advance(state, insert_at_end("ab", 2, "c", sha1_after="0" * 40)).state
+    # rev 1 rejected itself: nothing changes, the held event stays.
+    d = advance(bad, insert_at_end("a", 1, "b", base_rev=5))
+    assert d.outcome == "dlq" and not d.state_changed and set(d.state.held) == {2}
+    # rev 1 applies, held rev 2 is rejected and dropped.
+    d = advance(bad, insert_at_end("a", 1, "b"))
+    assert d.state_changed and [a.rev for a in d.applied] == [1]
+    assert [r.reason for r in d.rejected] == ["checksum_mismatch"] and d.state.held == {}
+    assert (d.state.rev, d.state.text) == (1, "ab")
+
+
+def test_dead_letters_carry_the_event_and_say_what_was_wrong():
+    state = advance(None, snapshot(0, "abc")).state
+    cases = [
+        (insert_at_end("abc", 1, "d", len_after=99),
+         "len_after says 99 code points, applying gives 4"),
+        (insert_at_end("abc", 1, "d", sha1_after="0" * 40),
+         f"sha1_after {'0' * 40} does not match the text after rev 1"),
+        (insert_at_end("abc", 1, "d", base_rev=7), "base_rev 7 but the document is at rev 0"),
+        (EditEvent("d1", 1, ops=[{"retain": 10}]),
+         "op #0: retain 10 at position 0 runs past the end of the text (3 code points)"),
+        (EditEvent("d1", 1, ops=[{"frobnicate": 1}]), "op #0: unknown op 'frobnicate'"),
+    ]
+    for event, message in cases:
+        (rejection,) = advance(state, event).rejected
+        assert rejection.message == message
+        assert rejection.event == event.to_json()
+
+
+def test_gap_overflow_dead_letter_names_the_missing_revision():
+    state = advance(None, snapshot(0, "a")).state
+    state = advance(state, insert_at_end("abc", 3, "x"), max_held=1).state
+    late = insert_at_end("abcx", 4, "y")
+    (rejection,) = advance(state, late, max_held=1).rejected
+    assert rejection.reason == "gap_overflow"
+    assert rejection.message == ("rev 4 arrived while rev 1 is missing and 1 events are already "
+                                 "held; send a snapshot to resync")
+    assert rejection.event == late.to_json()
+
+
+def test_a_bad_held_event_is_dead_lettered_as_it_was_held():
+    state = advance(None, snapshot(0, "a")).state
+    bad = insert_at_end("ab", 2, "c", len_after=42)
+    state = advance(state, bad).state
+    (rejection,) = advance(state, insert_at_end("a", 1, "b")).rejected
+    assert rejection.reason == "length_mismatch"
+    assert rejection.message == "len_after says 42 code points, applying gives 3"
+    assert rejection.event == bad.to_json()

@@ -98,3 +98,59 @@ def test_matches_a_straightforward_reference_and_the_span_is_right(case):
     # The span: everything outside it is untouched.
     assert new[: change.start] == old[: change.start]
     assert new[change.start + change.inserted :] == old[change.start + change.deleted :]
+
+
+# ------------------------------------------------------ edges found by mutation testing
+# (./dev mutate engine/text_ops.py; see benchmarks/mutation-engine-text_ops.json)
+
+
+def test_zero_counts_are_valid_noops():
+    assert apply_ops("abc", [{"retain": 0}, {"delete": 0}, {"insert": ""}]) == (
+        "abc", TextChange(start=3, deleted=0, inserted=0))
+    text, change = apply_ops("abc", [{"retain": 1}, {"delete": 0}, {"insert": "X"}])
+    assert (text, change) == ("aXbc", TextChange(start=1, deleted=0, inserted=1))
+
+
+def test_an_empty_insert_does_not_end_the_op_list():
+    text, change = apply_ops("abcd", [{"insert": ""}, {"retain": 1}, {"insert": ""},
+                                      {"delete": 2}])
+    assert (text, change) == ("ad", TextChange(start=1, deleted=2, inserted=0))
+
+
+def test_a_delete_then_insert_elsewhere_spans_both():
+    text, change = apply_ops("abcdef", [{"delete": 1}, {"retain": 3}, {"insert": "XY"}])
+    assert text == "bcdXYef"
+    assert change == TextChange(start=0, deleted=4, inserted=5)
+
+
+@pytest.mark.parametrize("ops", [None, 5, {"retain": 1}, b"retain", "retain"])
+def test_ops_that_are_not_a_list_are_refused(ops):
+    with pytest.raises(InvalidOps) as info:
+        apply_ops("abc", ops)
+    assert info.value.reason == "invalid_ops"
+    assert str(info.value) == "ops must be a list"
+
+
+@pytest.mark.parametrize(
+    "ops, message",
+    [
+        ([{"retain": 1}, "x"], "op #1 must be an object with exactly one key: 'x'"),
+        ([{"retain": 1, "delete": 1}],
+         "op #0 must be an object with exactly one key: {'retain': 1, 'delete': 1}"),
+        ([{"insert": 5}], "op #0: insert takes a string"),
+        ([{"retain": 1}, {"bogus": 1}], "op #1: unknown op 'bogus'"),
+        ([{"delete": -1}], "op #0: delete takes a non-negative integer, got -1"),
+        ([{"retain": True}], "op #0: retain takes a non-negative integer, got True"),
+        ([{"retain": 2}, {"delete": 2}],
+         "op #1: delete 2 at position 2 runs past the end of the text (3 code points)"),
+    ],
+)
+def test_refusals_say_which_op_and_why(ops, message):
+    with pytest.raises(InvalidOps) as info:
+        apply_ops("abc", ops)
+    assert str(info.value) == message
+    assert info.value.args == (message,)
+
+
+def test_invalid_ops_default_reason():
+    assert InvalidOps("x").reason == "invalid_ops" and str(InvalidOps("x")) == "x"
