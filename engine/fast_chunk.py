@@ -97,59 +97,33 @@ def _lookup(fw: FastWeights, layer: int, codes: torch.Tensor, macs: MacCounter) 
     return rows.sum(1) + fw.w.layers[layer].bo
 
 
-def _nearest(fw: FastWeights, layer: int, ctx: torch.Tensor, heads: torch.Tensor,
-             macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code and its distance for P (context, head) pairs: ctx (P, d), heads (P,)."""
-    cb = fw.codebooks.codes[layer]  # (H, K, d)
-    sq = fw.codebooks.sqnorm[layer]  # (H, K)
-    p, d = ctx.shape
-    k = cb.shape[1]
-    if p >= 4 * cb.shape[0]:
-        order = torch.argsort(heads, stable=True)
-        counts = torch.bincount(heads, minlength=cb.shape[0]).tolist()
-        parts = ctx[order].split(counts)
-        dots = torch.empty(p, k, dtype=ctx.dtype, device=ctx.device)
-        dots[order] = torch.cat([part @ cb[h].T for h, part in enumerate(parts)])
-    else:
-        dots = torch.einsum("pd,pkd->pk", ctx, cb[heads])
-    macs.add("codebook_search", p * k * d)
-    dist2 = sq[heads] - 2.0 * dots + (ctx * ctx).sum(-1, keepdim=True)
-    best = dist2.min(-1)
-    return best.indices, best.values.clamp_min(0.0).sqrt()
-
-
 def _requantize(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Tensor,
-                heads: torch.Tensor, old: torch.Tensor,
-                macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Codes for P recomputed contexts with hysteresis; old = previous codes (-1: none).
+                old: torch.Tensor, macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes for recomputed contexts ctx (U, H, d), with hysteresis; old (U, H): the codes
+    they had (-1: none, e.g. inserted rows).
 
-    A held code c is replaced only by a code closer by more than tau_l. No code can be when
-    |ctx - c| <= (tau_l + gap(c)) / 2, gap(c) = distance from c to its nearest other code
-    (triangle inequality), so those pairs are not searched. Returns (codes, slack, searched):
-    slack = how far the context may move before a replacement becomes possible, at least the
-    tolerance (`context_tolerance` x the layer's median gap).
+    A held code is replaced only by the nearest code when that is closer by more than tau_l.
+    Also returns each pair's slack: how far its context may move before a replacement becomes
+    possible, (tau_l + gap(c)) / 2 - |ctx - c| by the triangle inequality (gap(c) = distance
+    from c to its nearest other code), and at least `context_tolerance` x the median gap.
     """
+    u, heads, d = ctx.shape
     tau = cfg.tau * float(fw.gap_median[layer])
-    cb = fw.codebooks.codes[layer]
-    gap = fw.code_gap[layer]
-    has_old = old >= 0
-    codes = old.clone()
-    dist = torch.full(old.shape, float("inf"), dtype=ctx.dtype, device=ctx.device)
-    if has_old.any():
-        o_idx = has_old.nonzero().squeeze(1)
-        c_old = old[o_idx]
-        dist[o_idx] = (ctx[o_idx] - cb[heads[o_idx], c_old]).norm(dim=-1)
-        macs.add("codebook_search", len(o_idx) * ctx.shape[1])
-    c_safe = codes.clamp_min(0)
-    s_idx = (dist > (tau + gap[heads, c_safe]) / 2).nonzero().squeeze(1)
-    if len(s_idx):
-        best, d_best = _nearest(fw, layer, ctx[s_idx], heads[s_idx], macs)
-        switch = dist[s_idx] - d_best > tau  # always for rows without a code (inf)
-        codes[s_idx] = torch.where(switch, best, old[s_idx])
-        dist[s_idx] = torch.where(switch, d_best, dist[s_idx])
-    slack = ((tau + gap[heads, codes]) / 2 - dist).clamp_min(
+    cb = fw.codebooks.codes[layer]  # (H, K, d)
+    dots = torch.einsum("uhd,hkd->uhk", ctx, cb)
+    macs.add("codebook_search", u * heads * cb.shape[1] * d)
+    dist = (fw.codebooks.sqnorm[layer] - 2.0 * dots
+            + (ctx * ctx).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()  # (U, H, K)
+    best = dist.min(-1)
+    d_old = dist.gather(-1, old.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    d_old = torch.where(old >= 0, d_old, torch.full_like(d_old, float("inf")))
+    switch = d_old - best.values > tau
+    codes = torch.where(switch, best.indices, old)
+    kept = torch.where(switch, best.values, d_old)
+    gap = fw.code_gap[layer][torch.arange(heads, device=ctx.device), codes]  # (U, H)
+    slack = ((tau + gap) / 2 - kept).clamp_min(
         cfg.context_tolerance * float(fw.gap_median[layer]))
-    return codes, slack, len(s_idx)
+    return codes, slack
 
 
 def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
@@ -178,23 +152,20 @@ def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tens
                      macs: MacCounter) -> FastChunk:
     """A chunk built canonically: positions 0..n-1, nearest codes, nothing held (float32)."""
     mcfg = fw.w.config
-    heads, d = mcfg.heads, mcfg.head_dim
+    heads = mcfg.heads
     dev = fw.w.device
     ids = token_ids.to(dev)
     n = len(ids)
     pos = torch.arange(n, device=dev)
     x = embed(fw.w, ids, pos)
     layers = []
-    all_heads = torch.arange(heads, device=dev).repeat(n)
-    none = torch.full((n * heads,), -1, dtype=torch.long, device=dev)
+    none = torch.full((n, heads), -1, dtype=torch.long, device=dev)
     for layer, lw in enumerate(fw.w.layers):
         q, k, v = _qkv(fw, layer, x, macs)
         lse, ctx = _attend(q, k, v, macs)
-        codes, slack, _ = _requantize(fw, cfg, layer, ctx.reshape(n * heads, d), all_heads,
-                                      none, macs)
-        codes = codes.view(n, heads)
-        layers.append(FastLayer(q.to(STORE), k.to(STORE), v.to(STORE), lse,
-                                slack.view(n, heads).to(STORE), codes.to(torch.uint8)))
+        codes, slack = _requantize(fw, cfg, layer, ctx, none, macs)
+        layers.append(FastLayer(q.to(STORE), k.to(STORE), v.to(STORE), lse, slack.to(STORE),
+                                codes.to(torch.uint8)))
         x = feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), mcfg.layer_norm_eps,
                                macs)
     out = x.to(STORE)
@@ -314,15 +285,14 @@ def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
         q_u = torch.cat([q_s, q[u_idx[len(s_idx):]].to(F32)])
         lse_u, ctx_u = _attend(q_u, k.to(F32), v.to(F32), macs)
         lse[u_idx] = lse_u
-        p_old = codes[u_idx].reshape(-1)
-        new_codes, new_slack, searched = _requantize(
-            fw, cfg, layer, ctx_u.reshape(-1, d), all_heads.repeat(len(u_idx)), p_old, macs)
-        report.searched += searched
+        p_old = codes[u_idx]
+        new_codes, new_slack = _requantize(fw, cfg, layer, ctx_u, p_old, macs)
+        report.searched += len(u_idx) * heads
         report.full_rows += len(u_idx)
-        flipped = ((new_codes != p_old) & (p_old >= 0)).view(len(u_idx), heads).any(-1)
+        flipped = ((new_codes != p_old) & (p_old >= 0)).any(-1)
         report.code_flips += int(flipped.sum())
-        codes[u_idx] = new_codes.view(len(u_idx), heads)
-        slack[u_idx] = new_slack.view(len(u_idx), heads).to(STORE)
+        codes[u_idx] = new_codes
+        slack[u_idx] = new_slack.to(STORE)
         # 4. The rest of the block for S and the rows whose code changed.
         f_idx = u_idx[len(s_idx):][flipped[len(s_idx):]]
         if len(f_idx):
