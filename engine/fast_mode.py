@@ -38,8 +38,8 @@ MAX_POSITIONS = 512
 
 @dataclass(frozen=True)
 class FastModeConfig:
-    tau: float = 0.5
-    context_tolerance: float = 0.05
+    tau: float = 1.0
+    context_tolerance: float = 0.5
     refresh_edits: int = 64
     refresh_displacement: int = 16
     shift_limit: int = 2
@@ -60,6 +60,24 @@ class FastModeConfig:
 def fast_config(**overrides: float | int | None) -> FastModeConfig:
     """The default dial with the given (non-None) settings replaced."""
     return FastModeConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_mode(bundle_engine: dict | None = None, mode: str | None = None,
+                 **overrides: float | int | None) -> str | FastModeConfig:
+    """The engine mode a worker runs: "exact" or a FastModeConfig.
+
+    Precedence: an explicit `mode` / dial setting (CLI flag or environment), then the model
+    bundle's manifest section {"engine": {"mode": ..., "fast": {dial}}}, then exact mode.
+    """
+    bundle_engine = bundle_engine or {}
+    chosen = mode or bundle_engine.get("mode") or "exact"
+    if chosen not in ("exact", "fast"):
+        raise ValueError(f"unknown engine mode {chosen!r} (exact or fast)")
+    if chosen == "exact":
+        return "exact"
+    dial = {**bundle_engine.get("fast", {}),
+            **{k: v for k, v in overrides.items() if v is not None}}
+    return FastModeConfig(**dial)
 
 
 @dataclass

@@ -42,6 +42,16 @@ def cli() -> None:
 @click.option("--session-cache-bytes", type=int,
               help="memory budget of the hot session cache (default 2 GiB)")
 @click.option("--torch-threads", type=int, help="torch CPU threads for inference (default 1)")
+@click.option("--mode", "engine_mode", type=click.Choice(["exact", "fast"]),
+              help="engine mode (default: the bundle's, else exact) [INCSTREAM_ENGINE_MODE]")
+@click.option("--tau", "fast_tau", type=float,
+              help="fast mode: code hysteresis x the median code gap [INCSTREAM_FAST_TAU]")
+@click.option("--context-tolerance", "fast_context_tolerance", type=float,
+              help="fast mode: context drift held without recompute, x the median code gap")
+@click.option("--refresh-edits", "fast_refresh_edits", type=int,
+              help="fast mode: rebuild a chunk canonically after N updates (0 = never)")
+@click.option("--refresh-displacement", "fast_refresh_displacement", type=int,
+              help="fast mode: rebuild a chunk when a row's id is this far from canonical")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def worker(**options: Any) -> None:
     """Run a stream worker: doc-edits in, doc-classes out, state in RocksDB.

@@ -123,8 +123,12 @@ class DocumentClassifier:
     """A model bundle, its tokenizer and the hot session cache of one worker process."""
 
     def __init__(self, model: Any, manifest: dict, tokenizer: Any, cache_bytes: int,
-                 metrics: Any | None = None) -> None:
+                 metrics: Any | None = None, mode: Any = None) -> None:
         from engine.chunks import ChunkPolicy
+        from engine.fast_mode import resolve_mode
+
+        # "exact" or an engine.fast_mode.FastModeConfig; None: the bundle's choice, else exact.
+        self.mode = mode if mode is not None else resolve_mode(manifest.get("engine"))
 
         self.model = model
         self.manifest = manifest
@@ -141,7 +145,10 @@ class DocumentClassifier:
 
     @classmethod
     def load(cls, name_or_dir: str, cache_bytes: int, metrics: Any | None = None,
-             threads: int | None = None) -> DocumentClassifier:
+             threads: int | None = None, mode: Any = None) -> DocumentClassifier:
+        """`mode`: "exact", a FastModeConfig, a callable that picks one from the bundle's
+        manifest "engine" section (pipeline.settings.Settings.engine), or None (the bundle's
+        choice, else exact)."""
         import torch
 
         from engine.base_model import load_tokenizer
@@ -151,7 +158,9 @@ class DocumentClassifier:
             torch.set_num_threads(threads)
         model, manifest = load_model_bundle(name_or_dir, device="cpu", with_original=False)
         tokenizer = load_tokenizer(manifest["base_model"])
-        return cls(model, manifest, tokenizer, cache_bytes, metrics)
+        if callable(mode):
+            mode = mode(manifest.get("engine"))
+        return cls(model, manifest, tokenizer, cache_bytes, metrics, mode)
 
     # ----- one document, one or more consecutive revisions (a filled gap applies several)
     def classify(self, doc_id: str, previous_text: str | None,
@@ -169,7 +178,7 @@ class DocumentClassifier:
         """A session built from scratch on `text` (what a cache miss does)."""
         from engine.session import DocumentSession
 
-        return DocumentSession(self.model, self.tokenizer, text, self.policy)
+        return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode)
 
     def _classify_one(self, doc_id: str, previous_text: str | None,
                       revision: AppliedRevision) -> Inference:

@@ -46,6 +46,23 @@ class Settings(BaseSettings):
     session_cache_bytes: int = 2 * 1024**3
     # torch CPU threads for inference (one inference thread per worker process).
     torch_threads: int = 1
+    # Engine mode: "exact" (every answer equals a fresh build of the text) or "fast" (reuse
+    # inside the edited chunk, a measured divergence; engine/fast_mode.py). Unset: the model
+    # bundle's choice, else exact. The fast dial's settings override the bundle's / defaults.
+    engine_mode: str | None = None
+    fast_tau: float | None = None
+    fast_context_tolerance: float | None = None
+    fast_refresh_edits: int | None = None
+    fast_refresh_displacement: int | None = None
+
+    def engine(self, bundle_engine: dict | None = None):
+        """The engine mode to run: "exact" or an engine.fast_mode.FastModeConfig."""
+        from engine.fast_mode import resolve_mode
+
+        return resolve_mode(bundle_engine, self.engine_mode, tau=self.fast_tau,
+                            context_tolerance=self.fast_context_tolerance,
+                            refresh_edits=self.fast_refresh_edits,
+                            refresh_displacement=self.fast_refresh_displacement)
 
     @property
     def model_enabled(self) -> bool:
