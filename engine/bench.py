@@ -363,11 +363,14 @@ def compare_sessions(a: DocumentSession, b: DocumentSession) -> dict[str, Any]:
 
 def edit_cost_vs_length(lengths: tuple[int, ...] = (2_000, 50_000), chunk_tokens: int = 256,
                         model_name: str = DEFAULT_BASE_MODEL, device: str | None = None,
-                        text: str | None = None) -> dict[str, Any]:
-    """The same edit on documents of different lengths: incremental vs dense MACs.
+                        text: str | None = None, modes: tuple[str, ...] = ("exact", "fast"),
+                        edits: int = 20) -> dict[str, Any]:
+    """The same edits on documents of different lengths, in each mode: MACs and seconds.
 
-    Documents are made by repeating a PEP-like paragraph up to each token count; the edit
-    inserts a few words near the start (same chunk content in every document).
+    Documents are made by repeating a PEP-like paragraph up to each token count; the edits type
+    a few words into the second paragraph (same chunk content in every document), so any
+    difference in cost comes from the document's length alone (per-edit Python over the whole
+    document would show here).
     """
     model = VQModel.load(model_name, device=device)
     tokenizer = load_tokenizer(model_name)
@@ -376,18 +379,38 @@ def edit_cost_vs_length(lengths: tuple[int, ...] = (2_000, 50_000), chunk_tokens
         "This PEP proposes a backwards compatible mechanism that allows methods to skip the "
         "body of the associated statement. The lack of this ability currently means the "
         "decorator is unable to fulfil its specification.\n\n")
+    words = ["quite ", "simply ", "and ", "without ", "any ", "doubt ", "this ", "works "]
     rows = []
-    for target in lengths:
-        body = paragraph
-        while len(tokenizer(body, add_special_tokens=False, verbose=False)["input_ids"]) < target:
-            body += paragraph
-        session = DocumentSession(model, tokenizer, body, policy)
-        report = session.apply_ops([{"retain": 60}, {"insert": " quite simply"}])
-        check = session.reference_check(report.touched)
-        dense = sum(dense_chunk_macs(n + 2) for n in session.chunk_lengths)
-        rows.append({"tokens": len(session.tokens.ids), "chunks": len(session.chunks),
-                     "incremental_macs": report.macs["total"], "dense_original_macs": dense,
-                     "macs_ratio": dense / report.macs["total"],
-                     "incremental_seconds": report.seconds, "exact": check})
-        del session
-    return {"device": str(model.device), "chunk_tokens": chunk_tokens, "rows": rows}
+    for mode in modes:
+        for target in lengths:
+            body = paragraph
+            while len(tokenizer(body, add_special_tokens=False,
+                                verbose=False)["input_ids"]) < target:
+                body += paragraph
+            session = DocumentSession(model, tokenizer, body, policy, mode=mode)
+            at = len(paragraph) + 60
+            seconds, macs, touched = [], [], []
+            for i in range(edits):
+                word = words[i % len(words)]
+                report = session.apply_ops([{"retain": at}, {"insert": word}])
+                at += len(word)
+                seconds.append(report.seconds)
+                macs.append(report.macs["total"])
+                touched.append(len(report.touched))
+            dense = sum(dense_chunk_macs(n + 2) for n in session.chunk_lengths)
+            rows.append({"mode": mode, "tokens": len(session.tokens.ids),
+                         "chunks": len(session.chunks), "edits": edits,
+                         "incremental_macs": _quantiles([float(x) for x in macs]),
+                         "incremental_seconds": _quantiles(seconds),
+                         "chunks_touched_max": max(touched),
+                         "dense_original_macs": dense,
+                         "macs_ratio": dense / statistics.median(macs)})
+            del session
+    ratios = {}
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        ratios[mode] = (mine[-1]["incremental_seconds"]["median"]
+                        / mine[0]["incremental_seconds"]["median"])
+    return {"device": str(model.device), "torch_threads": torch.get_num_threads(),
+            "chunk_tokens": chunk_tokens, "rows": rows,
+            "seconds_ratio_longest_vs_shortest": ratios}

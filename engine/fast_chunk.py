@@ -178,8 +178,8 @@ def stable_positions(old_pos: torch.Tensor, r0: int, r1: int, m: int,
 
     Kept rows keep their ids. The new rows take ids pL+1, pL+2, ... after their left neighbour
     pL; when that runs into the right neighbour's id, the next at most `shift_limit` kept rows
-    are pushed along (they then count as changed), else the new rows squeeze into the free ids
-    and duplicate the last one. `pushed` = how many kept rows after the splice moved.
+    are pushed along (they then count as changed), else the new rows share ids with the rows
+    after them. `pushed` = how many kept rows after the splice moved.
     """
     left, right = old_pos[:r0], old_pos[r1:]
     p_left = int(left[-1])
@@ -201,8 +201,9 @@ def stable_positions(old_pos: torch.Tensor, r0: int, r1: int, m: int,
         if pushed:
             moved[:pushed] = p_left + m + 1 + torch.arange(pushed, device=old_pos.device)
         return torch.cat([left, wanted, moved]), pushed
-    top = max(p_left, int(right[0]) - 1)
-    return torch.cat([left, wanted.clamp(max=top), right]), 0
+    # No room: the new rows still count up from their left neighbour, sharing ids with the
+    # rows after them (each id used about twice) rather than all taking one id.
+    return torch.cat([left, wanted.clamp(max=MAX_POSITIONS - 1), right]), 0
 
 
 def _row_inputs(fw: FastWeights, layers: Sequence[FastLayer], ids: torch.Tensor,

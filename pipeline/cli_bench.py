@@ -77,17 +77,30 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
               help="Comma-separated document lengths in tokens.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--chunk-tokens", type=click.IntRange(4, 512), default=256, show_default=True)
+@click.option("--modes", default="exact,fast", show_default=True,
+              help="Comma-separated engine modes.")
+@click.option("--edits", type=int, default=20, show_default=True,
+              help="Typed words per document (medians over them).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               required=True)
-def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, json_out: Path) -> None:
-    """The same edit on a short and a long document: the incremental cost does not grow."""
+def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, modes: str, edits: int,
+                      threads: int, json_out: Path) -> None:
+    """The same edits on a short and a long document: the incremental cost does not grow."""
+    import torch
+
     from engine.bench import edit_cost_vs_length
 
+    torch.set_num_threads(threads)
     result = edit_cost_vs_length(tuple(int(x) for x in lengths.split(",")),
-                                 chunk_tokens=chunk_tokens, device=device)
+                                 chunk_tokens=chunk_tokens, device=device,
+                                 modes=tuple(modes.split(",")), edits=edits)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     for row in result["rows"]:
-        click.echo(f"{row['tokens']:>7} tokens {row['chunks']:>4} chunks: incremental "
-                   f"{row['incremental_macs'] / 1e6:.1f} MMAC, dense "
-                   f"{row['dense_original_macs'] / 1e9:.1f} GMAC, ratio {row['macs_ratio']:.0f}")
+        click.echo(f"{row['mode']:>5} {row['tokens']:>7} tokens {row['chunks']:>4} chunks: "
+                   f"incremental {row['incremental_macs']['median'] / 1e6:.1f} MMAC, "
+                   f"{row['incremental_seconds']['median'] * 1e3:.1f} ms (median of "
+                   f"{row['edits']}); dense {row['dense_original_macs'] / 1e9:.1f} GMAC")
+    for mode, ratio in result["seconds_ratio_longest_vs_shortest"].items():
+        click.echo(f"{mode}: per-edit seconds, longest / shortest document = {ratio:.2f}")

@@ -31,7 +31,7 @@ def test_stable_positions_keep_ids_and_push_at_most_the_limit():
     # move; with shift_limit 2 only a chunk tail of <= 2 rows may be pushed.
     pos, pushed = stable_positions(canon, 4, 4, 2, shift_limit=2)
     assert pushed == 0 and pos[:4].tolist() == [0, 1, 2, 3]
-    assert pos[4:6].tolist() == [3, 3]  # duplicates of the left id
+    assert pos[4:6].tolist() == [4, 5]  # counting on from the left id, shared with later rows
     assert pos[6:].tolist() == list(range(4, 10))  # later rows keep their ids
     # Before [SEP] (the last row): [SEP] is pushed along.
     pos, pushed = stable_positions(canon, 9, 9, 2, shift_limit=2)
