@@ -160,21 +160,11 @@ def tree_state(path: str, tests_rev: str | None) -> dict:
 
 def summarize(path: str, mutants: list[dict], tests: list[str], seconds: float,
               snapshot: dict) -> dict:
-    judged = json.loads(EQUIVALENT.read_text()).get(path, []) if EQUIVALENT.exists() else []
-    reasons = {tuple(j["change"]): j["reason"] for j in judged}
     counts = Counter(m["status"] for m in mutants)
-    survivors = []
-    for m in mutants:
-        if m["status"] in DETECTED:
-            continue
-        reason = reasons.get(tuple(change_lines(m["diff"])))
-        survivors.append({"name": m["name"], "status": m["status"],
-                          "change": change_lines(m["diff"]), "equivalent": reason,
-                          "diff": m["diff"]})
-    total = len(mutants) - counts.get("skipped", 0)
-    detected = sum(counts.get(s, 0) for s in DETECTED)
-    equivalent = sum(1 for s in survivors if s["equivalent"])
-    return {
+    survivors = [{"name": m["name"], "status": m["status"], "change": change_lines(m["diff"]),
+                  "equivalent": None, "diff": m["diff"]}
+                 for m in mutants if m["status"] not in DETECTED]
+    run = {
         "module": path,
         "command": f"./dev mutate {path}" + (
             f" --tests {' '.join(tests)}" if tests != TESTS.get(path, DEFAULT_TESTS) else "") + (
@@ -187,13 +177,44 @@ def summarize(path: str, mutants: list[dict], tests: list[str], seconds: float,
         "seconds": round(seconds, 1),
         "mutants": len(mutants),
         "counts": dict(sorted(counts.items())),
+        "survivors": survivors,
+    }
+    return annotate(run)
+
+
+def annotate(run: dict) -> dict:
+    """Mark the survivors mutation/equivalent.json judges equivalent; (re)compute the scores."""
+    judged = json.loads(EQUIVALENT.read_text()).get(run["module"], []) \
+        if EQUIVALENT.exists() else []
+    reasons = {tuple(j["change"]): j["reason"] for j in judged}
+    for survivor in run["survivors"]:
+        survivor["equivalent"] = reasons.get(tuple(survivor["change"]))
+    counts = run["counts"]
+    total = run["mutants"] - counts.get("skipped", 0)
+    detected = sum(counts.get(s, 0) for s in DETECTED)
+    equivalent = sum(1 for s in run["survivors"] if s["equivalent"])
+    survivors = run.pop("survivors")
+    run.update({
         "score": round(detected / total, 4) if total else None,
         "judged_equivalent": equivalent,
         "score_without_equivalent": (round(detected / (total - equivalent), 4)
                                      if total - equivalent else None),
         "unjudged_survivors": [s["name"] for s in survivors if not s["equivalent"]],
         "survivors": survivors,
-    }
+    })
+    return run
+
+
+def annotate_report(path: str, out_dir: Path) -> None:
+    """Re-mark every run of a module's report after mutation/equivalent.json changed."""
+    report = out_dir / f"mutation-{slug(path)}.json"
+    data = json.loads(report.read_text())
+    for label, run in data["runs"].items():
+        annotate(run)
+        print(f"[mutate] {path} [{label}]: score {run['score']}, {run['judged_equivalent']} "
+              f"judged equivalent, {len(run['unjudged_survivors'])} unjudged survivors",
+              file=sys.stderr)
+    report.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _git(*args: str) -> str:
@@ -250,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="report directory (default benchmarks/)")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 if a survivor is not judged equivalent")
+    p.add_argument("--annotate-only", action="store_true",
+                   help="run nothing: re-mark the existing reports' survivors from "
+                        "mutation/equivalent.json")
     args = p.parse_args(argv)
+    if args.annotate_only:
+        for path in [module_path(m) for m in args.modules or CORE]:
+            annotate_report(path, args.out)
+        return 0
     unjudged = 0
     for path in [module_path(m) for m in args.modules or CORE]:
         tests = args.tests or TESTS.get(path, DEFAULT_TESTS)
