@@ -24,7 +24,7 @@ Examples::
 
     ./dev mutate                                  # the core set
     ./dev mutate state/ordering.py --label after
-    ./dev mutate engine/session.py --tests tests/engine/test_incremental.py --max-children 2
+    ./dev mutate engine/session.py --tests "tests/engine/test_incremental.py -m 'not slow'"
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -167,7 +168,8 @@ def summarize(path: str, mutants: list[dict], tests: list[str], seconds: float,
     run = {
         "module": path,
         "command": f"./dev mutate {path}" + (
-            f" --tests {' '.join(tests)}" if tests != TESTS.get(path, DEFAULT_TESTS) else "") + (
+            f" --tests {shlex.quote(shlex.join(tests))}"
+            if tests != TESTS.get(path, DEFAULT_TESTS) else "") + (
             f" --tests-rev {snapshot['tests_rev']}" if snapshot["tests_rev"] else ""),
         "tests": tests,
         "tool": "mutmut 3.7.0 (requirements-dev.lock), hypothesis derandomized",
@@ -259,8 +261,9 @@ def run_module(path: str, tests: list[str], max_children: int, label: str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="./dev mutate", description=__doc__.split("\n")[0])
     p.add_argument("modules", nargs="*", help=f"default: {' '.join(CORE)}")
-    p.add_argument("--tests", nargs="+", default=None,
-                   help="pytest selection for every module given (default: per module)")
+    p.add_argument("--tests", default=None,
+                   help="pytest selection for every module given, one quoted string, e.g. "
+                        "\"tests/engine -m 'not slow'\" (default: per module, see TESTS)")
     p.add_argument("--max-children", type=int, default=1,
                    help="mutants tested in parallel (default 1: a 2-core shared machine)")
     p.add_argument("--tests-rev", default=None,
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     unjudged = 0
     for path in [module_path(m) for m in args.modules or CORE]:
-        tests = args.tests or TESTS.get(path, DEFAULT_TESTS)
+        tests = shlex.split(args.tests) if args.tests else TESTS.get(path, DEFAULT_TESTS)
         result = run_module(path, tests, args.max_children, args.label, args.out,
                             args.tests_rev)
         unjudged += len(result["unjudged_survivors"])
