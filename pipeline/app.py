@@ -11,12 +11,21 @@ The story of one event, as the agent tells it:
   5. only then write the new state to the table (so a crash can replay, never lose, an update).
 Offsets commit after the producer is flushed (Faust does this): delivery is at-least-once,
 and replays are recognised as duplicates by (doc_id, rev).
+
+Two fault-injection hooks exist for the integration tests only (never set them in production),
+each "<doc_id>:<rev>":
+  INCSTREAM_TEST_CRASH_AFTER_PUBLISH  the process SIGKILLs itself right after that revision's
+                                      update was acknowledged by Kafka, before the table write;
+  INCSTREAM_TEST_FAIL_BEFORE_PUBLISH  handling that event raises once, after classification and
+                                      before anything is published (-> internal_error).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,6 +53,26 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _fault_point(variable: str) -> tuple[str, int] | None:
+    """The (doc_id, rev) a test hook names in the environment, or None."""
+    spec = os.environ.get(variable, "").strip()
+    if not spec:
+        return None
+    doc_id, _, rev = spec.rpartition(":")
+    if not doc_id or not rev.isdigit():
+        raise ValueError(f"{variable} must be <doc_id>:<rev>, got {spec!r}")
+    log.warning("test fault injection armed: %s=%s", variable, spec)
+    return doc_id, int(rev)
+
+
+def _as_text(raw: bytes) -> str | None:
+    """The event as it arrived, as text (None if it is not UTF-8)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
               classifier: DocumentClassifier | None = None) -> faust.App:
     """The worker's Faust app. With `settings.model_enabled` it loads the model bundle (unless
@@ -51,7 +80,8 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     metrics = metrics or WorkerMetrics()
     if classifier is None and settings.model_enabled:
         classifier = DocumentClassifier.load(settings.model, settings.session_cache_bytes,
-                                             metrics, threads=settings.torch_threads)
+                                             metrics, threads=settings.torch_threads,
+                                             mode=settings.engine)
     # One inference thread: sessions and the cache are touched only there, and torch work
     # never blocks the event loop (heartbeats, commits, /metrics go on during a long build).
     inference = ThreadPoolExecutor(
@@ -93,6 +123,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         partitions=settings.partitions,
     )
     tokenizer = load_tokenizer()
+    crash_after_publish = _fault_point("INCSTREAM_TEST_CRASH_AFTER_PUBLISH")
+    fail_before_publish = _fault_point("INCSTREAM_TEST_FAIL_BEFORE_PUBLISH")
+    faults_fired: set[str] = set()
 
     def token_counts(state: DocumentState | None, applied: list[AppliedRevision]) -> list[int]:
         """Token count after each applied revision: from a window around each edit when the
@@ -115,11 +148,19 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         await delivery
 
     async def publish_dead_letter(
-        key: bytes | None, reason: str, message: str, event: Any
+        key: bytes | None, reason: str, message: str, event: bytes | str | dict | None
     ) -> None:
+        """`event` is what arrived (the message's bytes), or a held event as it was stored."""
         log.warning("dead letter (%s): %s", reason, message)
         await publish(dead_letters, key, dead_letter_record(reason, message, event))
         metrics.dead_letters.labels(reason).inc()
+
+    async def reject_too_large(key: bytes | None, size: int, event: bytes) -> None:
+        await publish_dead_letter(
+            key, "state_too_large",
+            f"the document state would be {size} bytes, over the "
+            f"{settings.max_state_bytes}-byte changelog limit; not applied", event)
+        metrics.events.labels("dlq").inc()
 
     @app.agent(edits)
     async def apply_edits(stream: faust.StreamT) -> None:
@@ -144,12 +185,13 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                 try:
                     state = decode_state(stored) if stored is not None else None
                 except StateCodecError as exc:
-                    await publish_dead_letter(key, "state_unreadable", str(exc), edit.to_json())
+                    await publish_dead_letter(key, "state_unreadable", str(exc), message.value)
                     metrics.events.labels("dlq").inc()
                     continue
 
                 # 3. Decide.
-                decision = advance(state, edit, settings.max_held_per_doc)
+                decision = advance(state, edit, settings.max_held_per_doc,
+                                   raw=_as_text(message.value))
                 lengths_in_tokens: list[int] = []
                 if classifier is None:  # with a model, the sessions count the tokens
                     lengths_in_tokens = token_counts(state, decision.applied)
@@ -158,14 +200,7 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                             tokens=lengths_in_tokens[-1], label=None, model_id=None)
                 encoded = encode_state(decision.state) if decision.state_changed else None
                 if encoded is not None and len(encoded) > settings.max_state_bytes:
-                    await publish_dead_letter(
-                        key,
-                        "state_too_large",
-                        f"the document state would be {len(encoded)} bytes, over the "
-                        f"{settings.max_state_bytes}-byte changelog limit; not applied",
-                        edit.to_json(),
-                    )
-                    metrics.events.labels("dlq").inc()
+                    await reject_too_large(key, len(encoded), message.value)
                     continue
 
                 # 3b. Classify the applied revisions, off the event loop.
@@ -177,9 +212,14 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                         state.text if state is not None else None, decision.applied,
                     )
                     lengths_in_tokens = [answer.tokens for answer in answers]
-                    # The previous label counts only if the same model gave it.
+                    # The previous label counts only if the same model gave it: a state
+                    # written by another model (a model change, a shared changelog) gets
+                    # label_changed false, and its label is replaced by this model's below.
                     previous = (state.label if state is not None
                                 and state.model_id == classifier.name else None)
+                    if state is not None and state.label is not None and previous is None:
+                        log.info("state of %r holds model %r's label; %s replaces it",
+                                 edit.doc_id, state.model_id, classifier.name)
                     for i, answer in enumerate(answers):
                         label_changes[i] = previous is not None and answer.label != previous
                         previous = answer.label
@@ -187,6 +227,14 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                         tokens=lengths_in_tokens[-1], label=answers[-1].label,
                         model_id=classifier.name)
                     encoded = encode_state(decision.state)
+                    if len(encoded) > settings.max_state_bytes:  # the label pushed it over
+                        await reject_too_large(key, len(encoded), message.value)
+                        continue
+                if fail_before_publish is not None and "fail" not in faults_fired and any(
+                    (edit.doc_id, r.rev) == fail_before_publish for r in decision.applied
+                ):
+                    faults_fired.add("fail")
+                    raise RuntimeError("injected fault (INCSTREAM_TEST_FAIL_BEFORE_PUBLISH)")
 
                 # 4. Publish what happened, and wait for Kafka to have it.
                 for revision, length_tokens, answer, changed in zip(
@@ -212,8 +260,15 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                         )
                 for rejection in decision.rejected:
                     await publish_dead_letter(
-                        key, rejection.reason, rejection.message, rejection.event
+                        key, rejection.reason, rejection.message,
+                        message.value if rejection.incoming else rejection.event,
                     )
+                if crash_after_publish is not None and any(
+                    (edit.doc_id, r.rev) == crash_after_publish for r in decision.applied
+                ):
+                    log.critical("test fault injection: SIGKILL after publishing %s rev %s, "
+                                 "before the table write", *crash_after_publish)
+                    os.kill(os.getpid(), signal.SIGKILL)
 
                 # 5. Remember.
                 if encoded is not None:
@@ -236,7 +291,12 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
 
     @app.timer(interval=5.0)
     async def sample_lag_and_state() -> None:
-        """Consumer lag per partition, and the size of the state this worker holds."""
+        """Consumer lag per partition, and the size of the state this worker holds.
+
+        Lag = the partition's high-water mark minus the group's committed offset (what Burrow
+        and kafka-exporter report): events read but not yet committed still count, so a
+        worker busy with (or stuck on) an event shows lag. Nothing committed yet counts from
+        offset 0."""
         consumer = app.consumer
         for tp in consumer.assignment():
             if tp.topic != settings.edits_topic:
@@ -247,9 +307,10 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                 continue
             if highwater is None:
                 continue
-            read = consumer._read_offset.get(tp)  # last offset handed to the agent
-            next_to_read = read + 1 if read is not None else 0
-            metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - next_to_read))
+            # The next offset the group would read: what Faust last committed, or what it
+            # found committed when the partition was assigned (None: nothing, or 0).
+            committed = consumer._committed_offset.get(tp) or 0
+            metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - committed))
         total_bytes = count = 0
         for value in documents.values():
             if value is not None:
@@ -257,6 +318,16 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                 count += 1
         metrics.state_bytes.set(total_bytes)
         metrics.documents.set(count)
+
+    @app.page("/ready")
+    async def ready_page(web: Any, request: Any) -> Any:
+        """200 once the worker has its partitions and has restored its table (it consumes
+        from here on); 503 before that and during a rebalance. Send nothing a test counts on
+        before this: Faust drops what it fetches while tables recover and reads it again only
+        from a committed offset > 0, so an event that arrives then in a partition with nothing
+        committed can be skipped (seen with a fresh group and a non-empty changelog)."""
+        ready = app.tables.recovery.completed.is_set() and not app.rebalancing
+        return web.text("ready\n" if ready else "not ready\n", status=200 if ready else 503)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

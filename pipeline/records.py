@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -69,9 +70,19 @@ def update_record(
 def dead_letter_record(
     reason: str, message: str, raw: bytes | str | dict[str, Any] | None
 ) -> dict[str, Any]:
-    """What goes to the DLQ: the reason, a human message, and the event as it came in."""
+    """What goes to the DLQ: the reason, a human message, and the event as it came in.
+
+    `event` is the message's bytes as text, exactly (never the event re-serialized after
+    parsing). Bytes that are not UTF-8 are also given exactly, base64, in `event_base64`
+    (`event` then has U+FFFD where they did not decode). A held event dead-lettered later
+    (when its gap filled) is given as it was held: its text as it arrived."""
+    extra: dict[str, Any] = {}
     if isinstance(raw, bytes):
-        original: Any = raw.decode("utf-8", errors="replace")
+        try:
+            original: Any = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            original = raw.decode("utf-8", errors="replace")
+            extra["event_base64"] = base64.b64encode(raw).decode("ascii")
     else:
         original = raw
     return {
@@ -79,6 +90,7 @@ def dead_letter_record(
         "reason": reason,
         "error": message,
         "event": original,
+        **extra,
         "ts": time.time(),
     }
 

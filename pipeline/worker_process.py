@@ -28,6 +28,7 @@ class WorkerProcess:
     log_path: Path | None = None
     app_id: str = "incstream"
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -49,7 +50,7 @@ class WorkerProcess:
         ]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", **self.env}
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
@@ -75,6 +76,23 @@ class WorkerProcess:
                 time.sleep(0.3)
         raise TimeoutError(f"worker did not serve {self.metrics_url} within {timeout_s:.0f} s")
 
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until /ready says 200: partitions assigned, table restored, consuming."""
+        url = f"http://127.0.0.1:{self.web_port}/ready"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"worker exited with code {self.process.returncode}"
+                                   + (f"; see {self.log_path}" if self.log_path else ""))
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass  # not serving yet, or 503: not ready
+            time.sleep(0.3)
+        raise TimeoutError(f"worker was not ready ({url}) within {timeout_s:.0f} s")
+
     def stop(self, grace_s: float = 30.0) -> tuple[int | None, float]:
         """SIGTERM, SIGKILL after `grace_s`. Returns (exit code, seconds it took to exit)."""
         process, self.process = self.process, None
@@ -83,6 +101,15 @@ class WorkerProcess:
         started = time.monotonic()
         code = terminate(process, grace_s)
         return code, time.monotonic() - started
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """Wait for the process to end by itself; its exit code (None: still running)."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to flush or commit anything."""

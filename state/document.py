@@ -32,8 +32,9 @@ class DocumentState:
     doc_id: str
     rev: int = NO_REVISION
     text: str = ""
-    # Events that arrived ahead of a gap, by revision, as doc-edit/v1 JSON.
-    held: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Events that arrived ahead of a gap, by revision: the event's text as it arrived (a str;
+    # values written before that hold its doc-edit/v1 JSON object, and still decode).
+    held: dict[int, str | dict[str, Any]] = field(default_factory=dict)
     # Set when a gap could not be held (bound exceeded): only a snapshot can resync now.
     needs_snapshot: bool = False
     model_id: str | None = None

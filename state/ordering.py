@@ -16,7 +16,7 @@ from typing import Any
 
 from engine.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
 from state.document import DocumentState
-from state.edit_event import EditEvent, EventRejected, event_from_json
+from state.edit_event import EditEvent, EventRejected, event_from_json, parse_edit_event
 
 DEFAULT_MAX_HELD = 256
 
@@ -34,11 +34,17 @@ class AppliedRevision:
 
 @dataclass(frozen=True)
 class Rejection:
-    """An event that goes to the dead-letter topic, and why."""
+    """An event that goes to the dead-letter topic, and why.
+
+    `incoming`: it is the event being advanced (the caller has its bytes as they arrived);
+    otherwise a held event, and `event` is what was held: its text as it arrived (a str) when
+    the caller passed it, else its doc-edit/v1 JSON.
+    """
 
     reason: str
     message: str
-    event: dict[str, Any]
+    event: dict[str, Any] | str
+    incoming: bool = True
 
 
 @dataclass
@@ -93,12 +99,13 @@ def _drain_held(decision: Decision) -> None:
     """Apply held events while they continue the document's revision sequence."""
     while (next_rev := decision.state.rev + 1) in decision.state.held:
         state = decision.state
-        held_json = state.held[next_rev]
+        held = state.held[next_rev]
         remaining = {rev: e for rev, e in state.held.items() if rev != next_rev}
         try:
-            new_state, applied = apply_event(state, event_from_json(held_json))
+            event = parse_edit_event(held) if isinstance(held, str) else event_from_json(held)
+            new_state, applied = apply_event(state, event)
         except EventRejected as exc:
-            decision.rejected.append(Rejection(exc.reason, str(exc), held_json))
+            decision.rejected.append(Rejection(exc.reason, str(exc), held, incoming=False))
             decision.state = state.evolve(held=remaining)
             decision.state_changed = True
             return
@@ -107,9 +114,13 @@ def _drain_held(decision: Decision) -> None:
 
 
 def advance(
-    state: DocumentState | None, event: EditEvent, max_held: int = DEFAULT_MAX_HELD
+    state: DocumentState | None, event: EditEvent, max_held: int = DEFAULT_MAX_HELD,
+    raw: str | None = None,
 ) -> Decision:
-    """Decide what `event` does to `state` (None: a document never seen before)."""
+    """Decide what `event` does to `state` (None: a document never seen before).
+
+    `raw`: the event's text as it arrived; a held event keeps it (so a held event that later
+    turns out bad is dead-lettered as it arrived), else its doc-edit/v1 JSON."""
     if state is None:
         state = DocumentState(doc_id=event.doc_id)
     decision = Decision(outcome="ok", state=state)
@@ -137,7 +148,8 @@ def advance(
                 decision.state_changed = True
             return decision
         decision.outcome = "gap"
-        decision.state = state.evolve(held={**state.held, event.rev: event.to_json()})
+        held = raw if raw is not None else event.to_json()
+        decision.state = state.evolve(held={**state.held, event.rev: held})
         decision.state_changed = True
         return decision
 

@@ -24,6 +24,13 @@ def test_round_trip_keeps_everything():
     assert decode_state(encode_state(state)) == state
 
 
+def test_held_events_keep_their_text_as_it_arrived_and_old_json_ones_still_decode():
+    raw = '{"rev": 5, "schema": "doc-edit/v1", "doc_id": "d", "ops": [], "note": "caf\\u00e9"}\n'
+    old = {"schema": "doc-edit/v1", "doc_id": "d", "rev": 6, "ops": []}
+    state = DocumentState(doc_id="d", rev=3, text="abc", held={5: raw, 6: old})
+    assert decode_state(encode_state(state)).held == {5: raw, 6: old}
+
+
 def test_values_written_before_the_label_field_still_decode():
     """A v1 value as the worker wrote it before `label` existed (changelogs keep them)."""
     old_body = {"doc_id": "d", "rev": 3, "text": "abc", "held": {}, "needs_snapshot": False,

@@ -49,12 +49,14 @@ class Deployment:
     root: Path
 
     def worker(self, data_dir: Path | None = None, name: str = "worker",
-               model: str | None = None, session_cache_bytes: int | None = None
+               model: str | None = None, session_cache_bytes: int | None = None,
+               env: dict[str, str] | None = None, args: list[str] | None = None,
                ) -> WorkerProcess:
-        """A worker process; `model` None = the default bundle, "none" = text only."""
+        """A worker process; `model` None = the default bundle, "none" = text only; `env`:
+        INCSTREAM_* settings (and test hooks) for it alone; `args`: more CLI options."""
         s = self.settings
         extra = ["--edits-topic", s.edits_topic, "--classes-topic", s.classes_topic,
-                 "--dlq-topic", s.dlq_topic, "--torch-threads", "1"]
+                 "--dlq-topic", s.dlq_topic, "--torch-threads", "1", *(args or [])]
         if model is not None:
             extra += ["--model", model]
         if session_cache_bytes is not None:
@@ -66,6 +68,7 @@ class Deployment:
             log_path=self.root / f"{name}.log",
             app_id=s.app_id,
             extra_args=extra,
+            env=env or {},
         )
 
 
@@ -90,9 +93,9 @@ def make_deployment(broker: EmbeddedBroker):
 
 
 @pytest.fixture(scope="session")
-def fresh_classify() -> Callable[[str], FreshAnswer]:
-    """Classify a text from scratch in this process (a fresh DocumentSession of the default
-    bundle, 1 torch thread): what a worker's answer for that text must equal."""
+def fresh_session() -> Callable[[str], object]:
+    """A fresh DocumentSession of the default bundle on a text, built in this process
+    (1 torch thread): what a worker's cache miss builds."""
     import torch
 
     from engine.base_model import load_tokenizer
@@ -104,15 +107,31 @@ def fresh_classify() -> Callable[[str], FreshAnswer]:
     model, manifest = load_model_bundle(DEFAULT_MODEL, device="cpu", with_original=False)
     tokenizer = load_tokenizer(manifest["base_model"])
     policy = ChunkPolicy(max_tokens=manifest["chunking"]["chunk_tokens"])
-    labels = list(model.head.labels)
+
+    def build(text: str) -> DocumentSession:
+        with torch.no_grad():
+            return DocumentSession(model, tokenizer, text, policy)
+
+    build.labels = list(model.head.labels)  # type: ignore[attr-defined]
+    build.model_name = manifest["name"]  # type: ignore[attr-defined]
+    return build
+
+
+@pytest.fixture(scope="session")
+def fresh_classify(fresh_session) -> Callable[[str], FreshAnswer]:
+    """Classify a text from scratch in this process (a fresh DocumentSession of the default
+    bundle): what a worker's answer for that text must equal."""
+    import torch
+
+    labels = fresh_session.labels
 
     def classify(text: str) -> FreshAnswer:
         with torch.no_grad():
-            logits = DocumentSession(model, tokenizer, text, policy).logits()
+            logits = fresh_session(text).logits()
         probs = torch.softmax(logits, dim=-1).tolist()
         best = max(range(len(labels)), key=lambda i: float(logits[i]))
         return FreshAnswer(labels[best], dict(zip(labels, probs, strict=True)),
-                           manifest["name"])
+                           fresh_session.model_name)
 
     return classify
 
