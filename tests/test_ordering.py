@@ -2,7 +2,7 @@
 
 from engine.text_ops import TextChange, sha1_hex
 from state.document import DocumentState
-from state.edit_event import EditEvent
+from state.edit_event import EditEvent, parse_edit_event
 from state.ordering import AppliedRevision, advance
 
 
@@ -192,3 +192,27 @@ def test_a_bad_held_event_is_dead_lettered_as_it_was_held():
     assert rejection.reason == "length_mismatch"
     assert rejection.message == "len_after says 42 code points, applying gives 3"
     assert rejection.event == bad.to_json()
+
+
+def test_a_held_event_keeps_the_text_it_arrived_as_and_applies_from_it():
+    state = advance(None, snapshot(0, "a")).state
+    raw = ('{"schema": "doc-edit/v1", "doc_id": "d1", "rev": 2,\n'
+           ' "ops": [{"retain": 2}, {"insert": "c"}], "len_after": 3}')
+    d = advance(state, parse_edit_event(raw), raw=raw)
+    assert d.outcome == "gap" and d.state.held == {2: raw}
+    d = advance(d.state, insert_at_end("a", 1, "b"))
+    assert [a.rev for a in d.applied] == [1, 2] and d.state.text == "abc" and not d.rejected
+
+
+def test_a_bad_held_event_is_dead_lettered_as_it_arrived_not_as_the_incoming_event():
+    state = advance(None, snapshot(0, "a")).state
+    raw = '{"schema":"doc-edit/v1","doc_id":"d1","rev":2,"ops":[{"retain":9}]}'
+    state = advance(state, parse_edit_event(raw), raw=raw).state
+    (rejection,) = advance(state, insert_at_end("a", 1, "b")).rejected
+    assert rejection.reason == "ops_past_end"
+    assert rejection.event == raw and rejection.incoming is False
+    # The event being advanced is the incoming one: the caller dead-letters its own bytes.
+    (own,) = advance(state, insert_at_end("a", 1, "b", len_after=7)).rejected
+    assert own.incoming is True
+    (overflow,) = advance(state, insert_at_end("a", 3, "x"), max_held=1).rejected
+    assert overflow.reason == "gap_overflow" and overflow.incoming is True
