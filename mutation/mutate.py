@@ -6,7 +6,7 @@ passes has a hole there, unless the change cannot alter behaviour (an "equivalen
 Not part of CI (minutes per module); run it after changing a core module or its tests.
 
 For each MODULE (a path such as ``state/ordering.py`` or a dotted name such as
-``engine.session``; default: the core set below) it:
+``engine.incremental.session``; default: the core set below) it:
 1. copies engine/, state/, pipeline/ and tests/ to ``.incstream/mutate/<module>/`` (the
    working tree is never touched; ../shared is linked in for the tests that read edit streams),
 2. runs ``mutmut run`` there on that module only, with the module's tests (``TESTS`` below, or
@@ -24,7 +24,8 @@ Examples::
 
     ./dev mutate                                  # the core set
     ./dev mutate state/ordering.py --label after
-    ./dev mutate engine/session.py --tests "tests/engine/test_incremental.py -m 'not slow'"
+    ./dev mutate engine/incremental/session.py --tests "tests/engine/test_incremental.py -m 'not
+    slow'"
 """
 
 from __future__ import annotations
@@ -45,22 +46,24 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / ".incstream" / "mutate"
 EQUIVALENT = REPO / "mutation" / "equivalent.json"
 COPY = ("engine", "state", "pipeline", "tests")
-CORE = ("state/ordering.py", "engine/text_ops.py", "engine/edit_tokenizer.py")
+CORE = ("state/ordering.py", "engine/incremental/text_ops.py",
+        "engine/incremental/edit_tokenizer.py")
 # Tests that exercise each module directly (mutmut runs, per mutant, only those of them that
 # reached the mutated function).
 TESTS = {
     "state/ordering.py": ["tests/test_ordering.py"],
-    "engine/text_ops.py": ["tests/test_text_ops.py", "tests/test_ordering.py"],
-    "engine/edit_tokenizer.py": ["tests/engine/test_edit_tokenizer.py"],
-    "engine/session.py": ["tests/engine", "-m", "not integration"],
-    "engine/incremental_attention.py": ["tests/engine", "-m", "not integration"],
+    "engine/incremental/text_ops.py": ["tests/test_text_ops.py", "tests/test_ordering.py"],
+    "engine/incremental/edit_tokenizer.py": ["tests/engine/test_edit_tokenizer.py"],
+    "engine/incremental/session.py": ["tests/engine", "-m", "not integration"],
+    "engine/incremental/incremental_attention.py": ["tests/engine", "-m", "not integration"],
 }
 DEFAULT_TESTS = ["tests", "-m", "not integration"]
 DETECTED = ("killed", "timeout")
 
 
 def module_path(name: str) -> str:
-    """'engine.session', 'engine/session.py' or './engine/session.py' -> 'engine/session.py'."""
+    """'engine.incremental.session', 'engine/incremental/session.py' or
+    './engine/incremental/session.py' -> 'engine/incremental/session.py'."""
     path = name.removeprefix("./")
     if not path.endswith(".py"):
         path = path.replace(".", "/") + ".py"

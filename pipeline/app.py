@@ -33,9 +33,9 @@ from typing import Any
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine.base_model import load_tokenizer
-from engine.edit_tokenizer import token_count_delta
-from engine.text_ops import sha1_hex
+from engine.incremental.edit_tokenizer import token_count_delta
+from engine.incremental.text_ops import sha1_hex
+from engine.model.base_model import load_tokenizer
 from pipeline.document_sessions import DocumentClassifier, Inference
 from pipeline.metrics import WorkerMetrics
 from pipeline.records import dead_letter_record, to_bytes, update_record

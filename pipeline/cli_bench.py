@@ -1,4 +1,4 @@
-"""`incstream bench ...`: benchmark commands. The engine logic lives in engine.bench."""
+"""`incstream bench ...`: benchmark commands. The engine logic lives in engine.benchmarks.bench."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     re-run): MACs, seconds, bytes per token, divergence from a fresh exact build."""
     import torch
 
-    from engine.bench import render_table, run_bench
-    from engine.fast_mode import fast_config
+    from engine.benchmarks.bench import render_table, run_bench
+    from engine.incremental.fast_mode import fast_config
 
     torch.set_num_threads(threads)
     fast = fast_config(tau=tau, context_tolerance=context_tolerance,
@@ -89,7 +89,7 @@ def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, modes: str, 
     """The same edits on a short and a long document: the incremental cost does not grow."""
     import torch
 
-    from engine.bench import edit_cost_vs_length
+    from engine.benchmarks.bench import edit_cost_vs_length
 
     torch.set_num_threads(threads)
     result = edit_cost_vs_length(tuple(int(x) for x in lengths.split(",")),

@@ -1,6 +1,7 @@
 """`incstream train`, `incstream eval`, `incstream classify`: the model commands.
 
-The logic lives in engine.train, engine.evaluate and engine.model_bundle; these are thin click
+The logic lives in engine.training.train, engine.training.evaluate and
+engine.model.model_bundle; these are thin click
 wrappers (registered on the main group with cli.add_command).
 """
 
@@ -71,7 +72,7 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
     """Train a VQ classifier (codebooks + head, QAT with distillation) and write its bundle."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _threads(threads)
-    from engine.train import TrainConfig, train
+    from engine.training.train import TrainConfig, train
 
     cfg = TrainConfig(
         dataset=dataset, out=str(out) if out else None, k=k, steps=steps,
@@ -120,10 +121,15 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
     _threads(threads)
     import torch
 
-    from engine.base_model import load_tokenizer
-    from engine.evaluate import evaluate_dataset
-    from engine.labelled_datasets import load_dataset
-    from engine.model_bundle import DEFAULT_MODEL, load_heads, load_model_bundle, read_manifest
+    from engine.model.base_model import load_tokenizer
+    from engine.model.model_bundle import (
+        DEFAULT_MODEL,
+        load_heads,
+        load_model_bundle,
+        read_manifest,
+    )
+    from engine.training.evaluate import evaluate_dataset
+    from engine.training.labelled_datasets import load_dataset
 
     results = []
     for name in models or (DEFAULT_MODEL,):
@@ -169,9 +175,9 @@ def classify_command(files: tuple[Path, ...], model: str | None, max_doc_tokens:
                      device: str, as_json: bool) -> None:
     """One-shot classification of text files with the VQ model (label and scores)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from engine.base_model import load_tokenizer
-    from engine.evaluate import classify_text
-    from engine.model_bundle import DEFAULT_MODEL, load_model_bundle
+    from engine.model.base_model import load_tokenizer
+    from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
+    from engine.training.evaluate import classify_text
 
     vq, manifest = load_model_bundle(model or DEFAULT_MODEL, device=device, with_original=False)
     tok = load_tokenizer(manifest["base_model"])

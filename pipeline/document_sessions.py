@@ -104,8 +104,9 @@ class Inference:
 
 def dense_equivalent_macs(chunk_lengths: Sequence[int], cfg: Any) -> int:
     """MACs of re-running the dense ORIGINAL model on a whole document, chunked like the session
-    ([CLS] content [SEP] per chunk), counted as engine.bench counts it (engine.macs)."""
-    from engine.macs import dense_chunk_macs
+    ([CLS] content [SEP] per chunk), counted as engine.benchmarks.bench counts it
+    (engine.model.macs)."""
+    from engine.model.macs import dense_chunk_macs
 
     return sum(dense_chunk_macs(n + 2, layers=cfg.layers, hidden=cfg.hidden, ffn=cfg.ffn,
                                 head_dim=cfg.head_dim) for n in chunk_lengths)
@@ -124,10 +125,11 @@ class DocumentClassifier:
 
     def __init__(self, model: Any, manifest: dict, tokenizer: Any, cache_bytes: int,
                  metrics: Any | None = None, mode: Any = None) -> None:
-        from engine.chunks import ChunkPolicy
-        from engine.fast_mode import resolve_mode
+        from engine.incremental.chunks import ChunkPolicy
+        from engine.incremental.fast_mode import resolve_mode
 
-        # "exact" or an engine.fast_mode.FastModeConfig; None: the bundle's choice, else exact.
+        # "exact" or an engine.incremental.fast_mode.FastModeConfig; None: the bundle's choice,
+        # else exact.
         self.mode = mode if mode is not None else resolve_mode(manifest.get("engine"))
 
         self.model = model
@@ -151,8 +153,8 @@ class DocumentClassifier:
         choice, else exact)."""
         import torch
 
-        from engine.base_model import load_tokenizer
-        from engine.model_bundle import load_model_bundle
+        from engine.model.base_model import load_tokenizer
+        from engine.model.model_bundle import load_model_bundle
 
         if threads:
             torch.set_num_threads(threads)
@@ -176,7 +178,7 @@ class DocumentClassifier:
 
     def fresh(self, text: str) -> Any:
         """A session built from scratch on `text` (what a cache miss does)."""
-        from engine.session import DocumentSession
+        from engine.incremental.session import DocumentSession
 
         return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode)
 

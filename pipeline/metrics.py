@@ -84,7 +84,8 @@ class WorkerMetrics:
             ["partition"],
             registry=r,
         )
-        # The classifier (pipeline.document_sessions). MACs are counted by engine.macs; the dense
+        # The classifier (pipeline.document_sessions). MACs are counted by engine.model.macs;
+        # the dense
         # equivalent is the original model re-run on the whole document at every revision.
         self.inference_macs = Counter(
             "incstream_inference_macs_total",

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 2.0
     log_level: str = "info"
     # The classifier: a model bundle name (engine/bundles/) or directory; "none" runs text
-    # only (label and scores null). The default is engine.model_bundle.DEFAULT_MODEL.
+    # only (label and scores null). The default is engine.model.model_bundle.DEFAULT_MODEL.
     model: str = "polarity-minilm-vq64"
     # Memory budget of the hot cache of per-document sessions (activations, ~115 KB a token;
     # least recently used documents are evicted and rebuilt from their text when next edited).
@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     # torch CPU threads for inference (one inference thread per worker process).
     torch_threads: int = 1
     # Engine mode: "exact" (every answer equals a fresh build of the text) or "fast" (reuse
-    # inside the edited chunk, a measured divergence; engine/fast_mode.py). Unset: the model
+    # inside the edited chunk, a measured divergence; engine/incremental/fast_mode.py). Unset:
+    # the model
     # bundle's choice, else exact. The fast dial's settings override the bundle's / defaults.
     engine_mode: str | None = None
     fast_tau: float | None = None
@@ -56,8 +57,8 @@ class Settings(BaseSettings):
     fast_refresh_displacement: int | None = None
 
     def engine(self, bundle_engine: dict | None = None):
-        """The engine mode to run: "exact" or an engine.fast_mode.FastModeConfig."""
-        from engine.fast_mode import resolve_mode
+        """The engine mode to run: "exact" or an engine.incremental.fast_mode.FastModeConfig."""
+        from engine.incremental.fast_mode import resolve_mode
 
         return resolve_mode(bundle_engine, self.engine_mode, tau=self.fast_tau,
                             context_tolerance=self.fast_context_tolerance,

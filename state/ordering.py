@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
+from engine.incremental.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
 from state.document import DocumentState
 from state.edit_event import EditEvent, EventRejected, event_from_json, parse_edit_event
 

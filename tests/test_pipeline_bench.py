@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.text_ops import sha1_hex
+from engine.incremental.text_ops import sha1_hex
 from pipeline.pipeline_bench import PROBE_DOC, Tally, summarize
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "demo-edits.jsonl.gz"

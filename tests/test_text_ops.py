@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
+from engine.incremental.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
 
 
 def test_replace_in_the_middle():
@@ -101,7 +101,7 @@ def test_matches_a_straightforward_reference_and_the_span_is_right(case):
 
 
 # ------------------------------------------------------ edges found by mutation testing
-# (./dev mutate engine/text_ops.py; see benchmarks/mutation-engine-text_ops.json)
+# (./dev mutate engine/incremental/text_ops.py; see benchmarks/mutation-engine-text_ops.json)
 
 
 def test_zero_counts_are_valid_noops():

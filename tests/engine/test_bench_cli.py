@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from engine.text_ops import sha1_hex
+from engine.incremental.text_ops import sha1_hex
 from pipeline.cli_bench import bench
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from engine.chunks import ChunkPolicy, chunk_lengths, cut_candidates, offsets
+from engine.incremental.chunks import ChunkPolicy, chunk_lengths, cut_candidates, offsets
 
 
 def random_ids(n: int, seed: int) -> list[int]:
@@ -50,9 +50,10 @@ def test_no_cut_inside_a_word():
 
 
 def test_relayout_equals_a_fresh_cut_after_random_edits(tokenizer):
-    """The session re-cuts only around an edit (engine.chunks.relayout); the result must be the
+    """The session re-cuts only around an edit (engine.incremental.chunks.relayout); the result
+    must be the
     layout a fresh cut of all tokens gets, for edits of every size, anywhere, in any text."""
-    from engine.chunks import relayout, word_continuation_mask
+    from engine.incremental.chunks import relayout, word_continuation_mask
 
     cw = word_continuation_mask(tokenizer)
     rng = random.Random(7)

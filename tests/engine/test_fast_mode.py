@@ -12,11 +12,11 @@ import pytest
 import torch
 from engine_streams import stream_docs
 
-from engine.chunks import ChunkPolicy
-from engine.fast_chunk import stable_positions
-from engine.fast_mode import FastModeConfig, resolve_mode
-from engine.macs import dense_chunk_macs
-from engine.session import DocumentSession
+from engine.incremental.chunks import ChunkPolicy
+from engine.incremental.fast_chunk import stable_positions
+from engine.incremental.fast_mode import FastModeConfig, resolve_mode
+from engine.incremental.session import DocumentSession
+from engine.model.macs import dense_chunk_macs
 
 TEXT = ("Abstract\n========\n\nThis PEP proposes a backwards compatible mechanism that allows "
         "__enter__() methods to skip the body of the associated with statement. The lack of "
@@ -124,7 +124,7 @@ def test_mode_resolution():
 def test_real_typing_history_divergence_is_bounded(model, tokenizer):
     """Every event of a real typed PEP history: after each edit, the fast session's answer is
     compared with a fresh exact build of the same text (the bench measures the same)."""
-    from engine.peers import FreshReference
+    from engine.benchmarks.peers import FreshReference
 
     (_, snapshot, events), = stream_docs("peps-typing.jsonl.gz", 1)
     policy = ChunkPolicy()

@@ -1,7 +1,7 @@
 """An edit's cost does not grow with the document: same edit, 2k vs 50k tokens.
 
 Uses a tiny random-weight model (same code paths, any shapes) so a 50k-token document builds
-in seconds; the real-model figure is produced by `engine.bench.edit_cost_vs_length`.
+in seconds; the real-model figure is produced by `engine.benchmarks.bench.edit_cost_vs_length`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pytest
 import torch
 from exactness import assert_exact
 
-from engine.chunks import ChunkPolicy
-from engine.codebooks import Codebooks
-from engine.head import ClassificationHead
-from engine.macs import dense_chunk_macs
-from engine.minilm import MiniLMConfig, random_minilm
-from engine.session import DocumentSession
-from engine.vq_model import VQModel
+from engine.incremental.chunks import ChunkPolicy
+from engine.incremental.session import DocumentSession
+from engine.model.codebooks import Codebooks
+from engine.model.head import ClassificationHead
+from engine.model.macs import dense_chunk_macs
+from engine.model.minilm import MiniLMConfig, random_minilm
+from engine.model.vq_model import VQModel
 
 
 def tiny_model() -> VQModel:

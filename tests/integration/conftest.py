@@ -98,10 +98,10 @@ def fresh_session() -> Callable[[str], object]:
     (1 torch thread): what a worker's cache miss builds."""
     import torch
 
-    from engine.base_model import load_tokenizer
-    from engine.chunks import ChunkPolicy
-    from engine.model_bundle import DEFAULT_MODEL, load_model_bundle
-    from engine.session import DocumentSession
+    from engine.incremental.chunks import ChunkPolicy
+    from engine.incremental.session import DocumentSession
+    from engine.model.base_model import load_tokenizer
+    from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
 
     torch.set_num_threads(1)
     model, manifest = load_model_bundle(DEFAULT_MODEL, device="cpu", with_original=False)

@@ -24,8 +24,8 @@ from answers import assert_same_answer
 from kafka_tools import latest_values, produce_raw, read_all
 from prom import metric, metric_by, samples, wait_metric
 
-from engine.base_model import load_tokenizer
-from engine.text_ops import apply_ops, sha1_hex
+from engine.incremental.text_ops import apply_ops, sha1_hex
+from engine.model.base_model import load_tokenizer
 from pipeline.producer import read_events, replay
 from pipeline.stream_files import select_events
 from pipeline.topic_reader import TopicReader

@@ -1,4 +1,4 @@
-"""A differentiable, batched twin of engine.vq_model for quantization-aware training (QAT).
+"""A differentiable, batched twin of engine.model.vq_model for quantization-aware training (QAT).
 
 Same computation as VQModel.forward (embed -> per block: QKV, softmax attention, per-head
 nearest code on the context, W_o, post-LN FFN) but on padded batches (B, n) with a key mask,
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.macs import MacCounter
-from engine.minilm import MiniLMWeights, embed, feed_forward_block
+from engine.model.macs import MacCounter
+from engine.model.minilm import MiniLMWeights, embed, feed_forward_block
 
 
 @dataclass
@@ -89,7 +89,8 @@ class TrainableVQ(nn.Module):
 
 def document_pool(chunk_pooled: torch.Tensor, counts: torch.Tensor,
                   doc_index: torch.Tensor, n_docs: int) -> torch.Tensor:
-    """Token-count-weighted mean of chunk vectors per document, as engine.head.document_pooled.
+    """Token-count-weighted mean of chunk vectors per document, as
+    engine.model.head.document_pooled.
 
     chunk_pooled (B, C), counts (B,) rows per chunk, doc_index (B,) -> (n_docs, C).
     """

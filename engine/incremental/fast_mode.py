@@ -20,7 +20,8 @@ divergence for reuse, with four knobs:
   `refresh_displacement` away from its canonical index. This bounds how far history can pull
   a chunk away from a fresh build; 0 disables a trigger.
 
-Everything runs in float32 and the kept state is float16 (engine.fast_chunk): only what an
+Everything runs in float32 and the kept state is float16 (engine.incremental.fast_chunk): only
+what an
 update needs.
 """
 
@@ -30,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.codebooks import Codebooks
-from engine.minilm import MiniLMWeights
+from engine.model.codebooks import Codebooks
+from engine.model.minilm import MiniLMWeights
 
 MAX_POSITIONS = 512
 

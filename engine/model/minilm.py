@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.macs import MacCounter
+from engine.model.macs import MacCounter
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,23 @@ def attention_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ctx = torch.einsum("hij,jhd->ihd", probs, v)
     macs.add("attn_values", m * n * heads * d)
     return ctx
+
+
+def softmax_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole-row softmax state for queries q (r, H, d) over keys/values (n, H, d).
+
+    Returns m (r, H), N (r, H, d), D (r, H) with m the row maximum of the scores.
+    """
+    r, heads, d = q.shape
+    n = k.shape[0]
+    s = torch.einsum("ihd,jhd->ihj", q, k) / math.sqrt(d)  # (r, H, n)
+    macs.add("attn_scores", r * n * heads * d)
+    m = s.amax(-1)
+    e = torch.exp(s - m.unsqueeze(-1))
+    num = torch.einsum("ihj,jhd->ihd", e, v)
+    macs.add("attn_values", r * n * heads * d)
+    return m, num, e.sum(-1)
 
 
 def feed_forward_block(layer: LayerWeights, x: torch.Tensor, attn_out: torch.Tensor,

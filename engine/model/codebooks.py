@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.macs import MacCounter
+from engine.model.macs import MacCounter
 
-BUNDLES_DIR = Path(__file__).parent / "bundles"
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 DEFAULT_BUNDLE = "calibrated-minilm"
 
 # Distances are computed by the expansion |x|^2 - 2x.c + |c|^2 in float64; its rounding error

@@ -1,6 +1,6 @@
 """The dense fine-tuned model: the frozen float32 encoder + a linear head on pooled embeddings.
 
-Document vectors are computed once with the ORIGINAL model (engine.minilm.forward_dense, chunk
+Document vectors are computed once with the ORIGINAL model (engine.model.minilm.forward_dense, chunk
 by chunk, exactly what the engine's dense baseline runs) and cached as safetensors under
 .incstream/cache/dense/, keyed by the texts, the chunking and the base weights. The head is an
 L2-regularised logistic regression fitted full-batch with L-BFGS; the L2 strength is picked on
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.head import document_pooled
-from engine.minilm import MiniLMWeights, forward_dense
-from engine.train_data import DocChunks
+from engine.model.head import document_pooled
+from engine.model.minilm import MiniLMWeights, forward_dense
+from engine.training.train_data import DocChunks
 
 CACHE_DIR = Path(".incstream/cache/dense")
 L2_GRID = (1e-4, 1e-3, 1e-2)

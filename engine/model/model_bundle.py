@@ -4,7 +4,7 @@ A bundle is a directory engine/bundles/<name>/ (or any directory) holding:
 - manifest.json: format, base model name and the sha256 of its weights file, label names,
   VQ settings (K, placement), chunking, how it was trained, and the metrics measured;
 - codebooks.safetensors: {"codebooks": (layers, heads, K, d) float32}, the same file format as
-  engine.codebooks bundles, so `--codebooks DIR` tools read a model bundle too;
+  engine.model.codebooks bundles, so `--codebooks DIR` tools read a model bundle too;
 - head.safetensors: {"weight": (labels, C), "bias": (labels,)} the VQ model's head, and
   {"dense_weight", "dense_bias"} the head of the dense baseline it was distilled from.
 The base encoder weights are never copied (they come from the base model package); nothing is
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.base_model import base_model_path
-from engine.codebooks import Codebooks, bundle_dir, sha256_file
-from engine.device import resolve_device
-from engine.head import ClassificationHead
-from engine.minilm import load_minilm
-from engine.vq_model import VQModel
+from engine.model.base_model import base_model_path
+from engine.model.codebooks import Codebooks, bundle_dir, sha256_file
+from engine.model.device import resolve_device
+from engine.model.head import ClassificationHead
+from engine.model.minilm import load_minilm
+from engine.model.vq_model import VQModel
 
 FORMAT = "incstream-model/v1"
 DEFAULT_MODEL = "polarity-minilm-vq64"
@@ -85,7 +85,8 @@ def load_model_bundle(name_or_dir: str | Path = DEFAULT_MODEL,
                       device: str | torch.device | None = None,
                       with_original: bool = True,
                       check_base: bool = True) -> tuple[VQModel, dict]:
-    """A trained VQ model (engine.vq_model.VQModel with the bundle's codebooks and head) and its
+    """A trained VQ model (engine.model.vq_model.VQModel with the bundle's codebooks and head)
+    and its
     manifest. `model.original` is the float32 base encoder (the dense baseline's encoder) when
     `with_original`; the dense baseline's head is `load_heads(...)[1]`.
     """

@@ -3,7 +3,8 @@
 For every edit, measured side by side in one run (interleaved, so machine noise hits all):
 - the engine (exact or fast mode): MACs and seconds of the update (window re-tokenization,
   chunk layout, chunk updates), bytes held per token;
-- the peers a user would pick instead (engine.peers), on the same tokens and chunks: the chunk
+- the peers a user would pick instead (engine.benchmarks.peers), on the same tokens and chunks:
+  the chunk
   cache (dense float32 re-run of the chunks whose ids changed, one pooled vector per chunk)
   and the full dense re-run of the document; the engine's ratios against each;
 - divergence: the engine's class probabilities vs a fresh exact build of the same text, after
@@ -29,16 +30,16 @@ from typing import Any
 
 import torch
 
-from engine.base_model import DEFAULT_BASE_MODEL, load_tokenizer
-from engine.chunks import ChunkPolicy
-from engine.edit_tokenizer import tokenize
-from engine.fast_mode import FastModeConfig
-from engine.macs import MacCounter, dense_chunk_macs
-from engine.model_bundle import DEFAULT_MODEL, load_model_bundle
-from engine.peers import ChunkCache, FreshReference, full_dense
-from engine.session import DocumentSession
-from engine.text_ops import sha1_hex
-from engine.vq_model import VQModel
+from engine.benchmarks.peers import ChunkCache, FreshReference, full_dense
+from engine.incremental.chunks import ChunkPolicy
+from engine.incremental.edit_tokenizer import tokenize
+from engine.incremental.fast_mode import FastModeConfig
+from engine.incremental.session import DocumentSession
+from engine.incremental.text_ops import sha1_hex
+from engine.model.base_model import DEFAULT_BASE_MODEL, load_tokenizer
+from engine.model.macs import MacCounter, dense_chunk_macs
+from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
+from engine.model.vq_model import VQModel
 
 
 def read_stream(path: Path, docs: int) -> Iterator[tuple[str, str, list[dict]]]:

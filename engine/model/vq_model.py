@@ -18,13 +18,35 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.base_model import DEFAULT_BASE_MODEL, base_model_path
-from engine.codebooks import DEFAULT_BUNDLE, Codebooks, load_bundle, sha256_file
-from engine.device import resolve_device
-from engine.head import ClassificationHead
-from engine.incremental_attention import LayerState, softmax_rows
-from engine.macs import MacCounter
-from engine.minilm import MiniLMWeights, embed, feed_forward_block, load_minilm, qkv
+from engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path
+from engine.model.codebooks import DEFAULT_BUNDLE, Codebooks, load_bundle, sha256_file
+from engine.model.device import resolve_device
+from engine.model.head import ClassificationHead
+from engine.model.macs import MacCounter
+from engine.model.minilm import (
+    MiniLMWeights,
+    embed,
+    feed_forward_block,
+    load_minilm,
+    qkv,
+    softmax_rows,
+)
+
+
+@dataclass
+class LayerState:
+    """Per position state of one layer; n rows in document order."""
+
+    x: torch.Tensor  # (n, C) layer input
+    q: torch.Tensor  # (n, H, d)
+    k: torch.Tensor  # (n, H, d)
+    v: torch.Tensor  # (n, H, d)
+    m: torch.Tensor  # (n, H) reference subtracted from scores before exp
+    num: torch.Tensor  # (n, H, d) softmax numerator
+    den: torch.Tensor  # (n, H) softmax denominator
+    codes: torch.Tensor  # (n, H) long
+    margin: torch.Tensor  # (n, H) d2 - d1 at quantization time
+    ctx_q: torch.Tensor  # (n, H, d) the context when the row was last quantized
 
 
 @dataclass

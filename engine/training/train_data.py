@@ -1,8 +1,9 @@
 """Labelled documents -> token chunks, exactly as a DocumentSession would first chunk them.
 
 Training, evaluation and classification all see a document the way the incremental engine does:
-WordPiece ids without special tokens (engine.edit_tokenizer.tokenize), cut by
-engine.chunks.chunk_lengths (content-defined cuts) into chunks of [CLS] content [SEP] with
+WordPiece ids without special tokens (engine.incremental.edit_tokenizer.tokenize), cut by
+engine.incremental.chunks.chunk_lengths (content-defined cuts) into chunks of [CLS] content
+[SEP] with
 canonical positions; the document's pooled vector is the token-count-weighted mean of its
 chunks' pooled vectors.
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.chunks import ChunkPolicy, chunk_lengths, word_continuation_mask
-from engine.edit_tokenizer import tokenize
+from engine.incremental.chunks import ChunkPolicy, chunk_lengths, word_continuation_mask
+from engine.incremental.edit_tokenizer import tokenize
 
 
 @dataclass

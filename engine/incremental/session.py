@@ -2,10 +2,11 @@
 
 `DocumentSession` owns the current text, its tokens (with character offsets), the chunks and
 each chunk's activations. `apply_ops` takes doc-edit/v1 character ops, turns them into a minimal
-token edit (engine.edit_tokenizer), re-cuts the tokens into chunks (engine.chunks: content-
-defined, so only cuts near the edit move), keeps every chunk whose tokens are unchanged, and
-updates the others incrementally (engine.incremental_attention) or rebuilds them. Every MAC goes
-to the session's MacCounter, the same counter type the dense paths use.
+token edit (engine.incremental.edit_tokenizer), re-cuts the tokens into chunks around the edit
+(engine.incremental.chunks: content-defined, so only cuts near the edit move), keeps every
+chunk whose tokens are unchanged, and updates the others in the session's mode: exactly
+(engine.incremental.incremental_attention) or fast (engine.incremental.fast_chunk), or rebuilds
+them. Every MAC goes to the session's MacCounter, the same counter type the dense paths use.
 
 Invariant (tested, and checked by the benchmark): after every edit the session equals a fresh
 session built on the current text: the same chunk layout, and each chunk's activations equal
@@ -22,22 +23,22 @@ from typing import Any
 
 import torch
 
-from engine.chunks import (
+from engine.incremental.chunks import (
     ChunkPolicy,
     chunk_lengths,
     offsets,
     relayout,
     word_continuation_mask,
 )
-from engine.edit_tokenizer import TokenEdit, apply_text_change, tokenize
-from engine.fast_chunk import FastChunk, FastUpdate, build_fast_chunk, update_fast_chunk
-from engine.fast_mode import FastModeConfig, fast_weights
-from engine.head import document_pooled
-from engine.incremental_attention import update_layer
-from engine.macs import MacCounter
-from engine.minilm import embed
-from engine.text_ops import TextChange, apply_ops
-from engine.vq_model import ChunkActivations, VQModel
+from engine.incremental.edit_tokenizer import TokenEdit, apply_text_change, tokenize
+from engine.incremental.fast_chunk import FastChunk, FastUpdate, build_fast_chunk, update_fast_chunk
+from engine.incremental.fast_mode import FastModeConfig, fast_weights
+from engine.incremental.incremental_attention import update_layer
+from engine.incremental.text_ops import TextChange, apply_ops
+from engine.model.head import document_pooled
+from engine.model.macs import MacCounter
+from engine.model.minilm import embed
+from engine.model.vq_model import ChunkActivations, VQModel
 
 
 @dataclass
@@ -87,7 +88,7 @@ def update_chunk(model: VQModel, acts: ChunkActivations, content: Sequence[int],
                  prefix: int, suffix: int,
                  macs: MacCounter) -> tuple[ChunkActivations, ChunkUpdate]:
     """Bring a chunk to new `content` incrementally: one splice, keeping the first `prefix` and
-    last `suffix` content tokens (engine.session.common_ends of old and new content).
+    last `suffix` content tokens (engine.incremental.session.common_ends of old and new content).
 
     Position ids stay canonical, so rows after the splice move to new positions when the splice
     changes the length: they count as changed at layer 0, like the inserted rows. Rows before
@@ -152,7 +153,8 @@ class ExactChunks:
 
 
 class FastChunks:
-    """Fast mode (engine.fast_mode): stable ids, held codes and contexts, refresh budgets."""
+    """Fast mode (engine.incremental.fast_mode): stable ids, held codes and contexts, refresh
+    budgets."""
 
     name = "fast"
 
@@ -232,7 +234,7 @@ class DocumentSession:
                                device=self.model.device))
 
     def pooled(self) -> torch.Tensor:
-        """Token-count-weighted mean of the chunks' pooled vectors (= engine.head.
+        """Token-count-weighted mean of the chunks' pooled vectors (= engine.model.head.
         document_pooled), kept as a running sum so reading it does not visit every chunk."""
         rows = sum(self._lengths) + 2 * len(self._lengths)
         return self._sum / rows
@@ -266,7 +268,8 @@ class DocumentSession:
         """Re-cut the edited tokens around the edit and bring each chunk there up to date.
 
         The session's token list must already be the edited one (apply_change does that); the
-        chunks still hold the old tokens. engine.chunks.relayout re-cuts only the chunks near
+        chunks still hold the old tokens. engine.incremental.chunks.relayout re-cuts only the
+        chunks near
         the edit (the layout equals a fresh cut of all tokens); the rest are kept untouched, so
         an edit costs nothing per chunk elsewhere in the document. Inside the re-cut region a
         new chunk that starts where an old chunk started (mapped across the edit) is that old

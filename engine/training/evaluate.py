@@ -1,6 +1,6 @@
 """`incstream eval` and `incstream classify`: accuracy of dense vs VQ vs incremental answers.
 
-Per document (chunked as DocumentSession does, see engine.train_data):
+Per document (chunked as DocumentSession does, see engine.training.train_data):
 - dense: the ORIGINAL float32 encoder (model.original) + the bundle's dense head;
 - vq: VQModel.forward (float64, THE REFERENCE) per chunk + the bundle's VQ head;
 - incremental: the document is built up by a replayed edit history in a DocumentSession
@@ -9,7 +9,7 @@ Per document (chunked as DocumentSession does, see engine.train_data):
   on the same text. Stable positions and edit-driven chunk boundaries may differ from a fresh
   build, so logits can differ slightly; `incremental_agreement` is the fraction of documents
   whose label equals the VQ label, and `max_abs_logit_diff_vs_reference` the session's own
-  exactness check (engine.session.DocumentSession.reference_check) at the end.
+  exactness check (engine.incremental.session.DocumentSession.reference_check) at the end.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from engine.chunks import ChunkPolicy
-from engine.head import ClassificationHead, document_pooled
-from engine.labelled_datasets import LabelledDataset
-from engine.minilm import forward_dense
-from engine.session import DocumentSession
-from engine.train_data import DocChunks, chunk_documents
-from engine.vq_model import VQModel
+from engine.incremental.chunks import ChunkPolicy
+from engine.incremental.session import DocumentSession
+from engine.model.head import ClassificationHead, document_pooled
+from engine.model.minilm import forward_dense
+from engine.model.vq_model import VQModel
+from engine.training.labelled_datasets import LabelledDataset
+from engine.training.train_data import DocChunks, chunk_documents
 
 
 def macro_f1(pred: Sequence[int], gold: Sequence[int], n_labels: int) -> float:

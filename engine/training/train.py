@@ -3,10 +3,10 @@
 Steps (all seeded, all deterministic on a given device):
 1. the dense fine-tuned model: frozen float32 encoder + logistic head on document vectors
    (token-weighted mean of chunk mean-pools, chunks as DocumentSession makes them), fitted on
-   the train split, L2 picked on validation (engine.dense_baseline; vectors cached);
+   the train split, L2 picked on validation (engine.training.dense_baseline; vectors cached);
 2. codebook init: layer-by-layer k-means on the training texts' attention contexts with earlier
-   layers quantized (engine.calibrate.calibrate), or an existing codebook bundle;
-3. QAT (engine.vq_training.TrainableVQ): codebooks and head trained with
+   layers quantized (engine.training.calibrate.calibrate), or an existing codebook bundle;
+3. QAT (engine.training.vq_training.TrainableVQ): codebooks and head trained with
    loss = w_ce * CE(VQ logits, label) + w_kd * KL(dense logits || VQ logits) at temperature T
         + w_hidden * MSE(VQ last hidden, dense last hidden) + w_codebook * |sg(ctx) - code|^2;
    AdamW, batches of documents (all of a document's chunks in one batch);
@@ -14,7 +14,7 @@ Steps (all seeded, all deterministic on a given device):
    regression on the VQ model's document vectors, L2 picked on validation; with `refit_head` both
    heads use the finer REFIT_L2_GRID. `init` = a model bundle + `steps=0` + `refit_head` is a
    cheap re-fit of a shipped bundle to new chunking (its VQ head is the starting head);
-5. a model bundle (engine.model_bundle) with validation metrics in its manifest.
+5. a model bundle (engine.model.model_bundle) with validation metrics in its manifest.
 Every setting is selected on the validation split; the test split is only ever reported.
 Checkpoints (safetensors + JSON, optimizer state included) every `checkpoint_every` steps;
 re-running the same command resumes from the last one and ends with identical weights.
@@ -33,11 +33,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
-from engine.calibrate import calibrate
-from engine.chunks import ChunkPolicy
-from engine.codebooks import BUNDLES_DIR, load_bundle
-from engine.dense_baseline import (
+from engine.incremental.chunks import ChunkPolicy
+from engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
+from engine.model.codebooks import BUNDLES_DIR, load_bundle
+from engine.model.device import resolve_device
+from engine.model.minilm import load_minilm
+from engine.model.model_bundle import load_heads, read_manifest, save_model_bundle
+from engine.training.calibrate import calibrate
+from engine.training.dense_baseline import (
     CACHE_DIR,
     L2_GRID,
     REFIT_L2_GRID,
@@ -45,12 +48,9 @@ from engine.dense_baseline import (
     cached_vectors,
     fit_dense_head,
 )
-from engine.device import resolve_device
-from engine.labelled_datasets import LabelledDataset, load_dataset
-from engine.minilm import load_minilm
-from engine.model_bundle import load_heads, read_manifest, save_model_bundle
-from engine.train_data import DocChunks, chunk_documents, pad_chunks
-from engine.vq_training import TrainableVQ, distillation_kl, document_pool
+from engine.training.labelled_datasets import LabelledDataset, load_dataset
+from engine.training.train_data import DocChunks, chunk_documents, pad_chunks
+from engine.training.vq_training import TrainableVQ, distillation_kl, document_pool
 
 
 @dataclass

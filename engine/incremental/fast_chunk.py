@@ -1,6 +1,6 @@
 """A fast-mode chunk: compact float16 state, and its incremental update after an edit.
 
-What a chunk keeps, per layer and row (engine.fast_mode explains the dial):
+What a chunk keeps, per layer and row (engine.incremental.fast_mode explains the dial):
 - q, k, v (n, H, d) float16: every other row's new context needs the changed rows' keys and
   values, and the stable rows' queries score the changed keys;
 - lse (n, H) float32: log of the row's softmax normaliser when its context was last computed,
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
-from engine.macs import MacCounter
-from engine.minilm import embed, feed_forward_block
+from engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
+from engine.model.macs import MacCounter
+from engine.model.minilm import embed, feed_forward_block
 
 STORE = torch.float16  # storage dtype of the kept activations; compute is float32
 F32 = torch.float32

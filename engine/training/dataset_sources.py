@@ -52,7 +52,7 @@ from importlib import metadata
 from pathlib import Path
 
 ENV_CACHE_DIR = "INCSTREAM_DATASETS_DIR"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class DatasetFilesMissing(FileNotFoundError):

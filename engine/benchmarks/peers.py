@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from engine.chunks import ChunkPolicy, chunk_lengths, offsets, word_continuation_mask
-from engine.head import document_pooled
-from engine.macs import MacCounter
-from engine.minilm import forward_dense
-from engine.vq_model import VQModel
+from engine.incremental.chunks import ChunkPolicy, chunk_lengths, offsets, word_continuation_mask
+from engine.model.head import document_pooled
+from engine.model.macs import MacCounter
+from engine.model.minilm import forward_dense
+from engine.model.vq_model import VQModel
 
 
 def _chunk_ids(cls_id: int, sep_id: int, ids: Sequence[int], device) -> torch.Tensor:

@@ -4,7 +4,7 @@ Layer by layer: the contexts of layer l are collected with layers < l already qu
 the VQ model will actually see), k-means'd per head, rounded to float32 (the shipped precision)
 and then used to produce layer l's output for layer l+1. Run once, offline:
 
-    python -m engine.calibrate --stream ../shared/data/edits/peps-hunks.jsonl.gz --out DIR
+    python -m engine.training.calibrate --stream ../shared/data/edits/peps-hunks.jsonl.gz --out DIR
 
 Why K = 64 by default: DESIGN §2 measured that fewer codes keep more positions stable under an
 edit (32 codes: 16% of positions changed at layer 1, 256 codes: 27%) while fidelity moves little
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from engine.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
-from engine.codebooks import (
+from engine.incremental.incremental_attention import softmax_rows
+from engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
+from engine.model.codebooks import (
     BUNDLES_DIR,
     DEFAULT_BUNDLE,
     Codebooks,
@@ -32,11 +33,10 @@ from engine.codebooks import (
     save_bundle,
     sha256_file,
 )
-from engine.head import ClassificationHead
-from engine.incremental_attention import softmax_rows
-from engine.macs import MacCounter
-from engine.minilm import embed, load_minilm, qkv
-from engine.vq_model import VQModel
+from engine.model.head import ClassificationHead
+from engine.model.macs import MacCounter
+from engine.model.minilm import embed, load_minilm, qkv
+from engine.model.vq_model import VQModel
 
 
 def snapshot_texts(stream: Path, limit: int, from_end: bool = True) -> list[str]:
@@ -92,7 +92,7 @@ def calibrate(texts: Iterable[str], k: int = 64, chunk_tokens: int = 256,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stream", type=Path,
-                        default=Path(__file__).parents[2] / "shared/data/edits/peps-hunks.jsonl.gz")
+                        default=Path(__file__).parents[3] / "shared/data/edits/peps-hunks.jsonl.gz")
     parser.add_argument("--docs", type=int, default=30,
                         help="snapshots taken from the END of the stream (benchmarks replay the "
                              "first documents, so calibration and evaluation do not overlap)")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         "k": args.k,
         "layers": codes.shape[0], "heads": codes.shape[1], "head_dim": codes.shape[3],
         "placement": "attention context softmax(QK^T/sqrt(d))V per head, before W_o",
-        "made_by": "engine.calibrate: layer-by-layer k-means (k-means++ init, "
+        "made_by": "engine.training.calibrate: layer-by-layer k-means (k-means++ init, "
                    f"{args.iters} Lloyd iterations, float64) on contexts with earlier layers "
                    "quantized; rounded to float32",
         "data": f"snapshots of the last {args.docs} documents of {args.stream.name}, "

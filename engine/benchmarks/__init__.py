@@ -1,0 +1,1 @@
+"""Benchmarks: the engine replayed against the peers a user would run instead."""
