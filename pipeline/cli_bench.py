@@ -104,3 +104,59 @@ def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, modes: str, 
                    f"{row['edits']}); dense {row['dense_original_macs'] / 1e9:.1f} GMAC")
     for mode, ratio in result["seconds_ratio_longest_vs_shortest"].items():
         click.echo(f"{mode}: per-edit seconds, longest / shortest document = {ratio:.2f}")
+
+
+@bench.command("dial")
+@click.option("--stream", "stream", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="doc-edit/v1 stream, JSONL or gzipped JSONL.")
+@click.option("--docs", type=int, default=1, show_default=True)
+@click.option("--events", type=int, default=0, show_default=True,
+              help="At most N edit events per document, 0 = all.")
+@click.option("--grid", default="tau=0.25,context_tolerance=0.1;tau=0.5,context_tolerance=0.2;"
+              "tau=1.0,context_tolerance=0.5;tau=2.0,context_tolerance=0.5;"
+              "tau=1.0,context_tolerance=0.5,refresh_edits=8,refresh_displacement=2;"
+              "tau=1.0,context_tolerance=0.5,refresh_edits=0,refresh_displacement=0",
+              show_default=True,
+              help="Fast-mode settings to try, ';' between configurations.")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              required=True)
+def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int,
+             json_out: Path) -> None:
+    """The fast mode's dial: compute against divergence across settings (one replay each,
+    peers measured in every replay)."""
+    import torch
+
+    from engine.benchmarks.bench import run_bench
+    from engine.incremental.fast_mode import FastModeConfig
+
+    torch.set_num_threads(threads)
+    rows = []
+    for spec in filter(None, (part.strip() for part in grid.split(";"))):
+        settings = {k.strip(): float(v) if "." in v else int(v)
+                    for k, v in (item.split("=") for item in spec.split(","))}
+        config = FastModeConfig(**settings)
+        result = run_bench(stream, docs=docs, events=events, mode="fast", fast=config,
+                           progress=False, full_dense_every=0)
+        peers, div = result["peers"], result["divergence"]
+        row = {"config": config.as_dict(),
+               "chunk_cache_macs_ratio": peers["chunk_cache"]["macs_ratio"],
+               "chunk_cache_time_ratio": peers["chunk_cache"]["time_ratio"],
+               "full_dense_macs_ratio": peers["full_dense"]["macs_ratio"],
+               "engine_macs_mean": result["engine"]["macs"]["mean"],
+               "chunk_cache_macs_mean": peers["chunk_cache"]["macs"]["mean"],
+               "label_agreement": div["label_agreement"],
+               "max_prob_diff": div["max_prob_diff"], "reference_step": div["reference_step"],
+               "refreshes": result["chunk_refreshes"], "events": result["events"]}
+        rows.append(row)
+        click.echo(f"{spec:70s} MACs vs chunk cache {row['chunk_cache_macs_ratio']['median']:5.1f}"
+                   f" (mean {row['chunk_cache_macs_mean'] / row['engine_macs_mean']:4.1f}), "
+                   f"time {row['chunk_cache_time_ratio']['median']:4.2f}, vs full dense "
+                   f"{row['full_dense_macs_ratio']['median']:5.0f}; labels "
+                   f"{row['label_agreement']:.3f}, |dp| median "
+                   f"{row['max_prob_diff']['median']:.3f} p90 {row['max_prob_diff']['p90']:.3f}")
+    out = {"stream": str(stream), "docs": docs, "events_cap_per_doc": events,
+           "device": "cpu", "torch_threads": threads, "rows": rows}
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(out, indent=2) + "\n")
+    click.echo(f"wrote {json_out}")
