@@ -20,9 +20,10 @@ def partitions_of(bootstrap: str, topic: str) -> list[int]:
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """The group's committed offset (next to read) of each partition of `topic` it committed."""
+    tps = [TopicPartition(topic, p) for p in partitions_of(bootstrap, topic)]
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="incstream-test-admin")
     try:
-        offsets = admin.list_consumer_group_offsets(group)
+        offsets = admin.list_group_offsets({group: tps})[group]
     finally:
         admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items()
