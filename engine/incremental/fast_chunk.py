@@ -112,14 +112,17 @@ def _requantize(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Ten
     cb = fw.codebooks.codes[layer]  # (H, K, d)
     dots = torch.einsum("uhd,hkd->uhk", ctx, cb)
     macs.add("codebook_search", u * heads * cb.shape[1] * d)
-    dist = (fw.codebooks.sqnorm[layer] - 2.0 * dots
-            + (ctx * ctx).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()  # (U, H, K)
-    best = dist.min(-1)
-    d_old = dist.gather(-1, old.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    # squared distances up to the per-pair constant |ctx|^2, added only where needed
+    part = fw.codebooks.sqnorm[layer] - 2.0 * dots  # (U, H, K)
+    sq = (ctx * ctx).sum(-1)
+    best = part.min(-1)
+    d_best = (best.values + sq).clamp_min(0.0).sqrt()
+    d_old = (part.gather(-1, old.clamp_min(0).unsqueeze(-1)).squeeze(-1) + sq).clamp_min(
+        0.0).sqrt()
     d_old = torch.where(old >= 0, d_old, torch.full_like(d_old, float("inf")))
-    switch = d_old - best.values > tau
+    switch = d_old - d_best > tau
     codes = torch.where(switch, best.indices, old)
-    kept = torch.where(switch, best.values, d_old)
+    kept = torch.where(switch, d_best, d_old)
     gap = fw.code_gap[layer][torch.arange(heads, device=ctx.device), codes]  # (U, H)
     slack = ((tau + gap) / 2 - kept).clamp_min(
         cfg.context_tolerance * float(fw.gap_median[layer]))
@@ -141,11 +144,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Whole contexts of queries q (r, H, d) over all keys/values (n, H, d): (lse, ctx)."""
     r, heads, d = q.shape
     s = torch.einsum("ihd,jhd->ihj", q, k) * (1.0 / math.sqrt(d))  # (r, H, n)
-    lse = torch.logsumexp(s, -1)
-    ctx = torch.einsum("ihj,jhd->ihd", torch.exp(s - lse.unsqueeze(-1)), v)
+    top = s.amax(-1, keepdim=True)
+    e = torch.exp(s - top)
+    z = e.sum(-1)
+    ctx = torch.einsum("ihj,jhd->ihd", e, v) / z.unsqueeze(-1)
     macs.add("attn_scores", r * k.shape[0] * heads * d)
     macs.add("attn_values", r * k.shape[0] * heads * d)
-    return lse, ctx
+    return top.squeeze(-1) + torch.log(z), ctx
 
 
 def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tensor,
