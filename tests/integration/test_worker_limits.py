@@ -141,7 +141,10 @@ def updates_of(reader: TopicReader, topic: str, doc: str) -> list[dict]:
 
 
 def dead_letters_of(reader: TopicReader, topic: str, doc: str) -> list[dict]:
-    return [r for r in reader.of(topic) if json.loads(r["event"])["doc_id"] == doc]
+    records = reader.of(topic)
+    parsed = [r for r in records if not isinstance(r["event"], str)]
+    assert parsed == [], "dead letters must carry the event as it arrived, not as parsed"
+    return [r for r in records if json.loads(r["event"])["doc_id"] == doc]
 
 
 def test_evicted_sessions_are_rebuilt_from_the_text_with_the_same_answer(

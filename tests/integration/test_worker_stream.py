@@ -322,6 +322,8 @@ def test_bad_input_goes_to_the_dlq_as_it_arrived_and_documents_stay_correct(
     dlq = reader.of(s.dlq_topic)
     assert len(dlq) == sum(bad_input.dead_letters.values()) == 13
     # Every dead-letter reason, each with the event exactly as it was sent.
+    parsed = [r for r in dlq if not isinstance(r["event"], str)]
+    assert parsed == [], "dead letters must carry the event as it arrived, not as parsed"
     assert Counter((r["reason"], r["event"]) for r in dlq) == bad_input.dead_letters
     assert {reason for reason, _ in bad_input.dead_letters} == {
         "invalid_json", "unknown_schema", "invalid_event", "invalid_ops", "ops_past_end",
