@@ -33,11 +33,18 @@ def bundled_stream() -> Path:
     return Path(__file__).parent / "data" / "demo-edits.jsonl.gz"
 
 
-def metric_value(metrics_text: str, name: str, labels: str = "") -> float:
-    """One sample from a Prometheus text page (0 when absent)."""
+def metric_value(metrics_text: str, name: str, labels: str = "",
+                 default: float | None = None) -> float:
+    """One sample from a Prometheus text page. A missing sample raises KeyError (a renamed
+    metric must not read as 0), unless a `default` is given for a labelled series that may
+    legitimately not exist yet (a label value never seen)."""
     pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+)"
     match = re.search(r"^" + pattern + "$", metrics_text, flags=re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    if match:
+        return float(match.group(1))
+    if default is None:
+        raise KeyError(f"metric {name}{{{labels}}} not on the page")
+    return default
 
 
 def run_demo(
@@ -128,7 +135,8 @@ def run_demo(
     summary.add_row("checksum mismatches", str(len(wrong)))
     summary.add_row("dead letters", str(len(reader.of(settings.dlq_topic))))
     for outcome in ("ok", "duplicate", "gap", "dlq"):
-        value = metric_value(metrics_text, "incstream_events_total", f'outcome="{outcome}"')
+        value = metric_value(metrics_text, "incstream_events_total", f'outcome="{outcome}"',
+                             default=0.0)
         summary.add_row(f"worker events {outcome}", f"{value:.0f}")
     finals: dict[str, dict[str, Any]] = {}
     for record in updates:
@@ -144,7 +152,8 @@ def run_demo(
                         f"r{record['rev']} {record['label']} "
                         f"{record['scores'][record['label']]:.3f} ({changes} changes)")
     inference_macs = sum(metric_value(metrics_text, "incstream_inference_macs_total",
-                                      f'path="{path}"') for path in ("incremental", "fresh"))
+                                      f'path="{path}"', default=0.0)
+                         for path in ("incremental", "fresh"))
     if inference_macs:
         dense = metric_value(metrics_text, "incstream_dense_equivalent_macs_total")
         hits = metric_value(metrics_text, "incstream_session_cache_hits_total")

@@ -65,10 +65,10 @@ def _quantiles(values: list[float]) -> dict[str, float]:
 
 
 def _worker_counters(metrics_text: str) -> dict[str, float]:
-    def value(name: str, labels: str = "") -> float:
-        return metric_value(metrics_text, name, labels)
+    def value(name: str, labels: str = "", default: float | None = None) -> float:
+        return metric_value(metrics_text, name, labels, default)
 
-    spent = {path: value("incstream_inference_macs_total", f'path="{path}"')
+    spent = {path: value("incstream_inference_macs_total", f'path="{path}"', 0.0)
              for path in ("incremental", "fresh")}
     dense = value("incstream_dense_equivalent_macs_total")
     total = sum(spent.values())
@@ -80,7 +80,7 @@ def _worker_counters(metrics_text: str) -> dict[str, float]:
         "macs_dense_over_spent": dense / total if total else None,
         "session_cache_hits": value("incstream_session_cache_hits_total"),
         "session_cache_misses": value("incstream_session_cache_misses_total"),
-        "session_rebuilds": sum(value("incstream_session_rebuilds_total", f'reason="{r}"')
+        "session_rebuilds": sum(value("incstream_session_rebuilds_total", f'reason="{r}"', 0.0)
                                 for r in ("stale", "text_mismatch", "error")),
         "session_cache_evictions": value("incstream_session_cache_evictions_total"),
         "session_cache_bytes_at_end": value("incstream_session_cache_bytes"),
