@@ -377,10 +377,11 @@ def edit_cost_vs_length(lengths: tuple[int, ...] = (2_000, 50_000), chunk_tokens
                         edits: int = 20) -> dict[str, Any]:
     """The same edits on documents of different lengths, in each mode: MACs and seconds.
 
-    Documents are made by repeating a PEP-like paragraph up to each token count; the edits type
-    a few words into the second paragraph (same chunk content in every document), so any
-    difference in cost comes from the document's length alone (per-edit Python over the whole
-    document would show here).
+    The documents' edits are interleaved (edit i on every document, then edit i+1), so machine
+    noise hits every length alike. Documents are made by repeating a PEP-like paragraph up to
+    each token count; the edits type a few words into the second paragraph (same chunk content
+    in every document), so any difference in cost comes from the document's length alone
+    (per-edit Python over the whole document would show here).
     """
     model = VQModel.load(model_name, device=device)
     tokenizer = load_tokenizer(model_name)
@@ -392,30 +393,36 @@ def edit_cost_vs_length(lengths: tuple[int, ...] = (2_000, 50_000), chunk_tokens
     words = ["quite ", "simply ", "and ", "without ", "any ", "doubt ", "this ", "works "]
     rows = []
     for mode in modes:
+        sessions = []
         for target in lengths:
             body = paragraph
             while len(tokenizer(body, add_special_tokens=False,
                                 verbose=False)["input_ids"]) < target:
                 body += paragraph
-            session = DocumentSession(model, tokenizer, body, policy, mode=mode)
-            at = len(paragraph) + 60
-            seconds, macs, touched = [], [], []
-            for i in range(edits):
-                word = words[i % len(words)]
-                report = session.apply_ops([{"retain": at}, {"insert": word}])
-                at += len(word)
-                seconds.append(report.seconds)
-                macs.append(report.macs["total"])
-                touched.append(len(report.touched))
+            sessions.append(DocumentSession(model, tokenizer, body, policy, mode=mode))
+        # Interleaved: edit i on every document before edit i+1, so machine noise hits all.
+        at = [len(paragraph) + 60] * len(sessions)
+        seconds: list[list[float]] = [[] for _ in sessions]
+        macs: list[list[float]] = [[] for _ in sessions]
+        touched: list[list[int]] = [[] for _ in sessions]
+        for i in range(edits):
+            word = words[i % len(words)]
+            for j, session in enumerate(sessions):
+                report = session.apply_ops([{"retain": at[j]}, {"insert": word}])
+                at[j] += len(word)
+                seconds[j].append(report.seconds)
+                macs[j].append(float(report.macs["total"]))
+                touched[j].append(len(report.touched))
+        for j, session in enumerate(sessions):
             dense = sum(dense_chunk_macs(n + 2) for n in session.chunk_lengths)
             rows.append({"mode": mode, "tokens": len(session.tokens.ids),
                          "chunks": len(session.chunks), "edits": edits,
-                         "incremental_macs": _quantiles([float(x) for x in macs]),
-                         "incremental_seconds": _quantiles(seconds),
-                         "chunks_touched_max": max(touched),
+                         "incremental_macs": _quantiles(macs[j]),
+                         "incremental_seconds": _quantiles(seconds[j]),
+                         "chunks_touched_max": max(touched[j]),
                          "dense_original_macs": dense,
-                         "macs_ratio": dense / statistics.median(macs)})
-            del session
+                         "macs_ratio": dense / statistics.median(macs[j])})
+        del sessions
     ratios = {}
     for mode in modes:
         mine = [r for r in rows if r["mode"] == mode]
