@@ -38,6 +38,7 @@ from engine.incremental.chunks import (
     word_continuation_mask,
 )
 from engine.incremental.edit_tokenizer import TokenEdit
+from engine.incremental.fast_mode import FastModeConfig
 from engine.incremental.incremental_attention import CANCEL_RATIO, REBASE_MARGIN, update_layer
 from engine.incremental.session import (
     ChunkUpdate,
@@ -837,3 +838,19 @@ def test_update_layer_recomputes_all_rows_when_correcting_costs_as_much():
         stats = check_layer_update(model, 0, old, old_out, new_x, torch.arange(8), changed)
         assert (stats.full_rows == 8) == all_full
         assert stats.rebased == 0
+
+
+def test_a_refreshed_chunk_is_reported_rebuilt_and_refreshed(tokenizer):
+    """The session's side of a mode's refresh (fast mode: a chunk past its budget is rebuilt
+    canonically): the chunk is built, its update says rebuilt and refreshed, and an exact-mode
+    rebuild says rebuilt, not refreshed."""
+    model = MODELS["mild"]
+    text = "alpha beta gamma of the 42 x"
+    for mode, refreshed in ((FastModeConfig(refresh_edits=1, refresh_displacement=0), True),
+                            ("exact", False)):
+        s = DocumentSession(model, tokenizer, text, ChunkPolicy(max_tokens=16), mode=mode)
+        report = s.apply_ops([{"retain": 0}, {"delete": len(text)}, {"insert": "sequential"}])
+        (update,) = report.chunk_updates
+        assert update.rebuilt is True and update.refreshed is refreshed
+        assert update.rows_changed == [len(s.chunks[0].token_ids)] * model.cfg.layers
+        assert update.searched == 0
