@@ -24,14 +24,15 @@ Examples::
 
     ./dev mutate                                  # the core set
     ./dev mutate state/ordering.py --label after
-    ./dev mutate engine/incremental/session.py --tests "tests/engine/test_incremental.py -m 'not
-    slow'"
+    ./dev mutate engine/incremental/session.py \
+        --functions common_ends,update_chunk,ExactChunks.*,DocumentSession.apply_token_edit
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
 import json
 import os
 import shlex
@@ -48,14 +49,20 @@ EQUIVALENT = REPO / "mutation" / "equivalent.json"
 COPY = ("engine", "state", "pipeline", "tests")
 CORE = ("state/ordering.py", "engine/incremental/text_ops.py",
         "engine/incremental/edit_tokenizer.py")
+# The fast tests of the incremental update (the slow real-stream ones add minutes per mutant
+# and caught nothing these miss).
+INCREMENTAL_TESTS = ["tests/engine/test_incremental_mutants.py",
+                     "tests/engine/test_incremental_random.py",
+                     "tests/engine/test_chunk_layout.py", "tests/engine/test_incremental.py",
+                     "tests/engine/test_scaling.py", "-m", "not slow"]
 # Tests that exercise each module directly (mutmut runs, per mutant, only those of them that
 # reached the mutated function).
 TESTS = {
     "state/ordering.py": ["tests/test_ordering.py"],
     "engine/incremental/text_ops.py": ["tests/test_text_ops.py", "tests/test_ordering.py"],
     "engine/incremental/edit_tokenizer.py": ["tests/engine/test_edit_tokenizer.py"],
-    "engine/incremental/session.py": ["tests/engine", "-m", "not integration"],
-    "engine/incremental/incremental_attention.py": ["tests/engine", "-m", "not integration"],
+    **{f"engine/incremental/{name}.py": INCREMENTAL_TESTS
+       for name in ("session", "chunks", "incremental_attention")},
 }
 DEFAULT_TESTS = ["tests", "-m", "not integration"]
 DETECTED = ("killed", "timeout")
@@ -128,8 +135,22 @@ def change_lines(diff: str) -> list[str]:
             if line[:1] in "+-" and not line.startswith(("+++", "---"))]
 
 
-def collect(work: Path, path: str) -> list[dict]:
-    """Every mutant of `path` in the finished run: name, outcome, diff."""
+def mutant_globs(path: str, functions: list[str]) -> list[str]:
+    """mutmut's names for the mutants of some functions of `path`: 'common_ends' ->
+    'engine.incremental.session.x_common_ends__mutmut_*', 'ExactChunks.*' ->
+    'engine.incremental.session.xǁExactChunksǁ*__mutmut_*'."""
+    dotted = path.removesuffix(".py").replace("/", ".")
+    globs = []
+    for function in functions:
+        owner, _, method = function.rpartition(".")
+        globs.append(f"{dotted}.xǁ{owner}ǁ{method}__mutmut_*" if owner
+                     else f"{dotted}.x_{function}__mutmut_*")
+    return globs
+
+
+def collect(work: Path, path: str, globs: list[str] | None = None) -> list[dict]:
+    """Every mutant of `path` in the finished run (of the functions `globs` name, if given):
+    name, outcome, diff."""
     cwd = os.getcwd()
     os.chdir(work)
     try:
@@ -142,6 +163,8 @@ def collect(work: Path, path: str) -> list[dict]:
         data.load()
         out = []
         for name, code in sorted(data.exit_code_by_key.items()):
+            if globs and not any(fnmatch.fnmatchcase(name, g) for g in globs):
+                continue
             status = status_by_exit_code[code]
             entry = {"name": name, "status": status}
             if status not in DETECTED:
@@ -163,7 +186,7 @@ def tree_state(path: str, tests_rev: str | None) -> dict:
 
 
 def summarize(path: str, mutants: list[dict], tests: list[str], seconds: float,
-              snapshot: dict) -> dict:
+              snapshot: dict, functions: list[str] | None = None) -> dict:
     counts = Counter(m["status"] for m in mutants)
     survivors = [{"name": m["name"], "status": m["status"], "change": change_lines(m["diff"]),
                   "equivalent": None, "diff": m["diff"]}
@@ -173,8 +196,10 @@ def summarize(path: str, mutants: list[dict], tests: list[str], seconds: float,
         "command": f"./dev mutate {path}" + (
             f" --tests {shlex.quote(shlex.join(tests))}"
             if tests != TESTS.get(path, DEFAULT_TESTS) else "") + (
-            f" --tests-rev {snapshot['tests_rev']}" if snapshot["tests_rev"] else ""),
+            f" --tests-rev {snapshot['tests_rev']}" if snapshot["tests_rev"] else "") + (
+            f" --functions {','.join(functions)}" if functions else ""),
         "tests": tests,
+        "functions": functions or "all",
         "tool": "mutmut 3.7.0 (requirements-dev.lock), hypothesis derandomized",
         "commit": _git("rev-parse", "--short", "HEAD"),
         **snapshot,
@@ -229,7 +254,8 @@ def _git(*args: str) -> str:
 
 
 def run_module(path: str, tests: list[str], max_children: int, label: str,
-               out_dir: Path, tests_rev: str | None = None) -> dict:
+               out_dir: Path, tests_rev: str | None = None,
+               functions: list[str] | None = None) -> dict:
     snapshot = tree_state(path, tests_rev)
     work = prepare(path, tests, tests_rev)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -239,13 +265,14 @@ def run_module(path: str, tests: list[str], max_children: int, label: str,
     mutmut = Path(sys.executable).parent / "mutmut"
     print(f"[mutate] {path}: mutmut run in {work} (tests: {' '.join(tests)})", file=sys.stderr)
     started = time.monotonic()
-    proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children)],
+    globs = mutant_globs(path, functions) if functions else []
+    proc = subprocess.run([str(mutmut), "run", "--max-children", str(max_children), *globs],
                           cwd=work, env=env, check=False)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"mutate: mutmut run exited {proc.returncode} for {path}; "
                          f"see {work}")
-    result = summarize(path, collect(work, path), tests, seconds, snapshot)
+    result = summarize(path, collect(work, path, globs), tests, seconds, snapshot, functions)
     report = out_dir / f"mutation-{slug(path)}.json"
     runs = json.loads(report.read_text()).get("runs", {}) if report.exists() else {}
     runs[label] = result
@@ -272,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tests-rev", default=None,
                    help="take tests/ as committed at this git revision (e.g. to score the "
                         "tests before a change: --tests-rev HEAD~1 --label before)")
+    p.add_argument("--functions", default=None,
+                   help="mutate only these functions, comma-separated; Class.method or "
+                        "Class.* for methods, e.g. "
+                        "'common_ends,update_chunk,ExactChunks.*,DocumentSession.apply_token_edit'"
+                        " (default: the whole module)")
     p.add_argument("--label", default="latest", help="name of this run in the report")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks",
                    help="report directory (default benchmarks/)")
@@ -288,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     unjudged = 0
     for path in [module_path(m) for m in args.modules or CORE]:
         tests = shlex.split(args.tests) if args.tests else TESTS.get(path, DEFAULT_TESTS)
+        functions = args.functions.split(",") if args.functions else None
         result = run_module(path, tests, args.max_children, args.label, args.out,
-                            args.tests_rev)
+                            args.tests_rev, functions)
         unjudged += len(result["unjudged_survivors"])
     return 1 if args.strict and unjudged else 0
 

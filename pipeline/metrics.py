@@ -34,6 +34,13 @@ class WorkerMetrics:
             ["outcome"],
             registry=r,
         )
+        self.redelivered = Counter(
+            "incstream_redelivered_events_total",
+            "Events handed to the agent again at an offset this process had already handled "
+            "(at-least-once around a restart's seek); they are also in incstream_events_total, "
+            "as duplicates",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "incstream_dead_letters_total",
             "Records sent to the dead-letter topic, by reason",
