@@ -106,27 +106,30 @@ def _requantize(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Ten
     Also returns each pair's slack: how far its context may move before a replacement becomes
     possible, (tau_l + gap(c)) / 2 - |ctx - c| by the triangle inequality (gap(c) = distance
     from c to its nearest other code), and at least `context_tolerance` x the median gap.
+    Works head-major, (H, U, ...): one batched matmul per head, no permuted copies.
     """
     u, heads, d = ctx.shape
     tau = cfg.tau * float(fw.gap_median[layer])
     cb = fw.codebooks.codes[layer]  # (H, K, d)
-    dots = torch.einsum("uhd,hkd->uhk", ctx, cb)
+    ctx_h = ctx.transpose(0, 1)  # (H, U, d), a view
+    dots = torch.matmul(ctx_h, cb.transpose(1, 2))  # (H, U, K)
     macs.add("codebook_search", u * heads * cb.shape[1] * d)
     # squared distances up to the per-pair constant |ctx|^2, added only where needed
-    part = fw.codebooks.sqnorm[layer] - 2.0 * dots  # (U, H, K)
-    sq = (ctx * ctx).sum(-1)
-    best = part.min(-1)
-    d_best = (best.values + sq).clamp_min(0.0).sqrt()
-    d_old = (part.gather(-1, old.clamp_min(0).unsqueeze(-1)).squeeze(-1) + sq).clamp_min(
-        0.0).sqrt()
-    d_old = torch.where(old >= 0, d_old, torch.full_like(d_old, float("inf")))
+    part = fw.codebooks.sqnorm[layer].unsqueeze(1) - 2.0 * dots  # (H, U, K)
+    sq = (ctx_h * ctx_h).sum(-1)  # (H, U)
+    best_part, best_code = part.min(-1)
+    d_best = (best_part + sq).clamp_min_(0.0).sqrt_()
+    old_h = old.t()  # (H, U)
+    d_old = (part.gather(-1, old_h.clamp_min(0).unsqueeze(-1)).squeeze(-1) + sq).clamp_min_(
+        0.0).sqrt_()
+    d_old.masked_fill_(old_h < 0, float("inf"))
     switch = d_old - d_best > tau
-    codes = torch.where(switch, best.indices, old)
+    codes = torch.where(switch, best_code, old_h)
     kept = torch.where(switch, d_best, d_old)
-    gap = fw.code_gap[layer][torch.arange(heads, device=ctx.device), codes]  # (U, H)
-    slack = ((tau + gap) / 2 - kept).clamp_min(
+    gap = fw.code_gap[layer].gather(1, codes)  # (H, U)
+    slack = ((tau + gap) / 2 - kept).clamp_min_(
         cfg.context_tolerance * float(fw.gap_median[layer]))
-    return codes, slack
+    return codes.t(), slack.t()
 
 
 def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
@@ -141,16 +144,17 @@ def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole contexts of queries q (r, H, d) over all keys/values (n, H, d): (lse, ctx)."""
+    """Whole contexts of queries q (r, H, d) over all keys/values (n, H, d): (lse, ctx), as
+    (r, H) and (r, H, d) views of head-major results."""
     r, heads, d = q.shape
-    s = torch.einsum("ihd,jhd->ihj", q, k) * (1.0 / math.sqrt(d))  # (r, H, n)
+    s = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)).mul_(1.0 / math.sqrt(d))  # (H,r,n)
     top = s.amax(-1, keepdim=True)
-    e = torch.exp(s - top)
-    z = e.sum(-1)
-    ctx = torch.einsum("ihj,jhd->ihd", e, v) / z.unsqueeze(-1)
+    e = s.sub_(top).exp_()
+    z = e.sum(-1)  # (H, r)
+    ctx = torch.matmul(e, v.transpose(0, 1)).div_(z.unsqueeze(-1))  # (H, r, d)
     macs.add("attn_scores", r * k.shape[0] * heads * d)
     macs.add("attn_values", r * k.shape[0] * heads * d)
-    return top.squeeze(-1) + torch.log(z), ctx
+    return (top.squeeze(-1) + torch.log(z)).t(), ctx.transpose(0, 1)
 
 
 def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tensor,
@@ -249,7 +253,7 @@ def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
     x_s = embed(fw.w, ids[s_idx], pos[s_idx])
     report = FastUpdate()
     layers: list[FastLayer] = []
-    all_heads = torch.arange(heads, device=dev)
+    all_heads = torch.arange(heads, device=dev).unsqueeze(1)  # (H, 1)
     identity = m == r1 - r0  # same row count: old row i is new row i
     for layer, (old, lw) in enumerate(zip(chunk.layers, fw.w.layers, strict=True)):
         report.rows_changed.append(len(s_idx))
@@ -259,34 +263,35 @@ def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
         else:
             q, k, v = old.q[gather], old.k[gather], old.v[gather]
             lse, slack, codes = old.lse[gather], old.slack[gather], old.codes[gather].long()
-        codes[old_src < 0] = -1
+        codes[r0 : r0 + m] = -1  # the inserted rows have no code yet
         s_src = old_src[s_idx]
         left = torch.cat([deleted, s_src[s_src >= 0]])  # old rows whose keys leave
         if len(s_idx) == 0 and len(left) == 0:
             layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
             continue
         q_s, k_s, v_s = _qkv(fw, layer, x_s, macs)
-        in_s = torch.zeros(n, dtype=torch.bool, device=dev)
-        in_s[s_idx] = True
-        t_idx = (~in_s).nonzero().squeeze(1)
         # 2. How far the keys that left and came in moved every other row's context: weights
         #    against the row's stored normaliser, values' offsets from the row's code vector.
-        keys = torch.cat([k_s, chunk.layers[layer].k[left].to(F32)])
-        vals = torch.cat([v_s, chunk.layers[layer].v[left].to(F32)])
-        sign = torch.ones(len(keys), dtype=F32, device=dev)
-        sign[len(k_s):] = -1.0
-        w = torch.exp(torch.einsum("thd,jhd->thj", q[t_idx].to(F32), keys) * scale
-                      - lse[t_idx].unsqueeze(-1)) * sign  # (T, H, J)
-        code_vec = fw.codebooks.codes[layer][all_heads, codes[t_idx]]  # (T, H, d)
-        w_sum = w.sum(-1)
-        move = (torch.einsum("thj,jhd->thd", w, vals) - w_sum.unsqueeze(-1) * code_vec)
-        drift = move.norm(dim=-1) / (1.0 + w_sum).clamp_min(1e-6)
-        macs.add("attn_scores", len(t_idx) * len(keys) * heads * d)
-        macs.add("attn_values", len(t_idx) * len(keys) * heads * d)
-        slack_t = slack[t_idx].to(F32) - drift
-        slack[t_idx] = slack_t.to(STORE)
+        #    Computed for all n rows, head-major (H, n, J): cheaper than gathering the others;
+        #    the rows of S get their context recomputed below anyway.
+        keys = torch.cat([k_s, old.k[left].to(F32)])  # (J, H, d)
+        vals = torch.cat([v_s, old.v[left].to(F32)])
+        w = torch.matmul(q.to(F32).transpose(0, 1), keys.permute(1, 2, 0)).mul_(scale)
+        w = w.sub_(lse.t().unsqueeze(-1)).exp_()  # (H, n, J)
+        w[:, :, len(k_s):].neg_()  # a key that left takes its mass back
+        code_vec = fw.codebooks.codes[layer][all_heads, codes.t().clamp_min(0)]  # (H, n, d)
+        w_sum = w.sum(-1)  # (H, n)
+        move = torch.matmul(w, vals.transpose(0, 1)).sub_(w_sum.unsqueeze(-1) * code_vec)
+        drift = move.norm(dim=-1).div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)
+        t_rows = n - len(s_idx)
+        macs.add("attn_scores", t_rows * len(keys) * heads * d)
+        macs.add("attn_values", t_rows * len(keys) * heads * d)
+        slack_f = slack.to(F32).sub_(drift.t())
+        slack = slack_f.to(STORE)
         # 3. Recompute whole contexts of S and of rows whose slack ran out; re-quantize them.
-        u_idx = torch.cat([s_idx, t_idx[(slack_t < 0).any(-1)]])
+        spent = (slack_f < 0).any(-1)
+        spent[s_idx] = False
+        u_idx = torch.cat([s_idx, spent.nonzero().squeeze(1)])
         q[s_idx], k[s_idx], v[s_idx] = q_s.to(STORE), k_s.to(STORE), v_s.to(STORE)
         q_u = torch.cat([q_s, q[u_idx[len(s_idx):]].to(F32)])
         lse_u, ctx_u = _attend(q_u, k.to(F32), v.to(F32), macs)
