@@ -52,6 +52,8 @@ def cli() -> None:
               help="fast mode: rebuild a chunk canonically after N updates (0 = never)")
 @click.option("--refresh-displacement", "fast_refresh_displacement", type=int,
               help="fast mode: rebuild a chunk when a row's id is this far from canonical")
+@click.option("--matmul", "fast_matmul", type=click.Choice(["float32", "bfloat16"]),
+              help="fast mode: dtype of the linear layers' matmuls [INCSTREAM_FAST_MATMUL]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def worker(**options: Any) -> None:
     """Run a stream worker: doc-edits in, doc-classes out, state in RocksDB.

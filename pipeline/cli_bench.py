@@ -31,6 +31,8 @@ def bench() -> None:
               help="Fast mode: rebuild a chunk canonically after N updates (0 = never).")
 @click.option("--refresh-displacement", type=int, default=None,
               help="Fast mode: rebuild a chunk when a row's id is this far from canonical.")
+@click.option("--matmul", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Fast mode: dtype of the linear layers' matmuls (default float32).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (1 = the comparison the README reports).")
 @click.option("--full-dense-every", type=int, default=1, show_default=True,
@@ -48,7 +50,8 @@ def bench() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar or table.")
 def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | None,
                context_tolerance: float | None, refresh_edits: int | None,
-               refresh_displacement: int | None, threads: int, full_dense_every: int,
+               refresh_displacement: int | None, matmul: str | None, threads: int,
+               full_dense_every: int,
                model: str,
                device: str, chunk_tokens: int, codebooks: str | None,
                json_out: Path, quiet: bool) -> None:
@@ -61,7 +64,8 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
 
     torch.set_num_threads(threads)
     fast = fast_config(tau=tau, context_tolerance=context_tolerance,
-                       refresh_edits=refresh_edits, refresh_displacement=refresh_displacement)
+                       refresh_edits=refresh_edits, refresh_displacement=refresh_displacement,
+                       matmul=matmul)
     result = run_bench(stream, docs=docs, events=events, model_bundle=model, device=device,
                        chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet,
                        mode=mode, fast=fast, full_dense_every=full_dense_every)
@@ -70,6 +74,18 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     if not quiet:
         render_table(result)
         click.echo(f"wrote {json_out}")
+
+
+def _setting(value: str) -> float | int | str:
+    """A dial value from --grid: 0.5 -> float, 64 -> int, bfloat16 -> str."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 @bench.command("engine-length")
@@ -133,7 +149,7 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int,
     torch.set_num_threads(threads)
     rows = []
     for spec in filter(None, (part.strip() for part in grid.split(";"))):
-        settings = {k.strip(): float(v) if "." in v else int(v)
+        settings = {k.strip(): _setting(v.strip())
                     for k, v in (item.split("=") for item in spec.split(","))}
         config = FastModeConfig(**settings)
         result = run_bench(stream, docs=docs, events=events, mode="fast", fast=config,
@@ -142,6 +158,7 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int,
         row = {"config": config.as_dict(),
                "chunk_cache_macs_ratio": peers["chunk_cache"]["macs_ratio"],
                "chunk_cache_time_ratio": peers["chunk_cache"]["time_ratio"],
+               "chunk_cache_bf16_time_ratio": peers["chunk_cache_bf16"]["time_ratio"],
                "full_dense_macs_ratio": peers["full_dense"]["macs_ratio"],
                "engine_macs_mean": result["engine"]["macs"]["mean"],
                "chunk_cache_macs_mean": peers["chunk_cache"]["macs"]["mean"],

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     fast_context_tolerance: float | None = None
     fast_refresh_edits: int | None = None
     fast_refresh_displacement: int | None = None
+    fast_matmul: str | None = None  # "float32" or "bfloat16" (CPUs with AVX512-BF16/AMX)
 
     def engine(self, bundle_engine: dict | None = None):
         """The engine mode to run: "exact" or an engine.incremental.fast_mode.FastModeConfig."""
@@ -63,7 +64,8 @@ class Settings(BaseSettings):
         return resolve_mode(bundle_engine, self.engine_mode, tau=self.fast_tau,
                             context_tolerance=self.fast_context_tolerance,
                             refresh_edits=self.fast_refresh_edits,
-                            refresh_displacement=self.fast_refresh_displacement)
+                            refresh_displacement=self.fast_refresh_displacement,
+                            matmul=self.fast_matmul)
 
     @property
     def model_enabled(self) -> bool:

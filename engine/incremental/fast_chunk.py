@@ -138,7 +138,8 @@ def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
     cfg = fw.w.config
     w, b = fw.wqkv[layer]
     macs.add("linear", x.shape[0] * w.shape[0] * w.shape[1])
-    q, k, v = torch.nn.functional.linear(x, w, b).view(-1, 3, cfg.heads, cfg.head_dim).unbind(1)
+    out = torch.nn.functional.linear(x.to(w.dtype), w, b).to(F32)
+    q, k, v = out.view(-1, 3, cfg.heads, cfg.head_dim).unbind(1)
     return q, k, v
 
 
@@ -169,7 +170,7 @@ def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tens
     x = embed(fw.w, ids, pos)
     layers = []
     none = torch.full((n, heads), -1, dtype=torch.long, device=dev)
-    for layer, lw in enumerate(fw.w.layers):
+    for layer, lw in enumerate(fw.layers):
         q, k, v = _qkv(fw, layer, x, macs)
         lse, ctx = _attend(q, k, v, macs)
         codes, slack = _requantize(fw, cfg, layer, ctx, none, macs)
@@ -223,7 +224,7 @@ def _row_inputs(fw: FastWeights, layers: Sequence[FastLayer], ids: torch.Tensor,
     x = embed(fw.w, ids[rows], pos[rows])
     for layer in range(upto):
         attn = _lookup(fw, layer, layers[layer].codes[rows], macs)
-        x = feed_forward_block(fw.w.layers[layer], x, attn, eps, macs)
+        x = feed_forward_block(fw.layers[layer], x, attn, eps, macs)
     return x
 
 
@@ -255,7 +256,7 @@ def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
     layers: list[FastLayer] = []
     all_heads = torch.arange(heads, device=dev).unsqueeze(1)  # (H, 1)
     identity = m == r1 - r0  # same row count: old row i is new row i
-    for layer, (old, lw) in enumerate(zip(chunk.layers, fw.w.layers, strict=True)):
+    for layer, (old, lw) in enumerate(zip(chunk.layers, fw.layers, strict=True)):
         report.rows_changed.append(len(s_idx))
         if identity:
             q, k, v = old.q.clone(), old.k.clone(), old.v.clone()

@@ -159,7 +159,7 @@ class FastChunks:
     name = "fast"
 
     def __init__(self, model: VQModel, config: FastModeConfig):
-        self.fw = fast_weights(model)
+        self.fw = fast_weights(model, config.matmul)
         self.config = config
 
     def build(self, ids: torch.Tensor, macs: MacCounter) -> FastChunk:

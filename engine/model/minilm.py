@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -129,9 +129,27 @@ def load_minilm(path: Path, dtype: torch.dtype = torch.float32,
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, macs: MacCounter) -> torch.Tensor:
-    """x (n, in) @ w.T (in, out) + b; counts n*in*out MACs."""
+    """x (n, in) @ w.T (in, out) + b; counts n*in*out MACs. Weights in a lower precision
+    (the fast mode's bfloat16 matmuls) compute in their dtype and return x's."""
     macs.add("linear", x.shape[0] * w.shape[0] * w.shape[1])
+    if w.dtype != x.dtype:
+        return torch.nn.functional.linear(x.to(w.dtype), w, b).to(x.dtype)
     return torch.nn.functional.linear(x, w, b)
+
+
+LINEAR_FIELDS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "w_up", "b_up", "w_down",
+                 "b_down")
+
+
+def with_matmul_dtype(w: MiniLMWeights, dtype: torch.dtype) -> MiniLMWeights:
+    """The same model with its linear layers' weights and biases in `dtype` (e.g. bfloat16:
+    `linear` then multiplies in that dtype and returns float32); embeddings and LayerNorm
+    unchanged. The float32 model itself when dtype is float32."""
+    if dtype == w.word.dtype:
+        return w
+    layers = [replace(lw, **{name: getattr(lw, name).to(dtype) for name in LINEAR_FIELDS})
+              for lw in w.layers]
+    return replace(w, layers=layers)
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:

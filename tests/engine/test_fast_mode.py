@@ -120,6 +120,29 @@ def test_mode_resolution():
         resolve_mode(None, mode="turbo")
 
 
+def test_bfloat16_matmuls_stay_close_to_float32_and_update_like_a_build(model, tokenizer):
+    """matmul=bfloat16 runs the linear layers in bfloat16: the answer moves a little from the
+    float32 fast mode, and an update still lands where its own canonical build does."""
+    policy = ChunkPolicy(max_tokens=64)
+    f32 = DocumentSession(model, tokenizer, TEXT * 3, policy, mode=FastModeConfig())
+    bf16 = DocumentSession(model, tokenizer, TEXT * 3, policy,
+                           mode=FastModeConfig(matmul="bfloat16"))
+    assert bf16.chunks[0].layers[0].q.dtype == torch.float16  # the kept state is unchanged
+
+    def probs(s: DocumentSession) -> torch.Tensor:
+        return torch.softmax(s.logits(), -1)
+
+    assert 0 < float((probs(f32) - probs(bf16)).abs().max()) < 0.05
+    for s in (f32, bf16):
+        s.apply_ops([{"retain": 40}, {"insert": " quite"}])
+    assert float((probs(f32) - probs(bf16)).abs().max()) < 0.05
+    rebuilt = DocumentSession(model, tokenizer, bf16.text, policy,
+                              mode=FastModeConfig(matmul="bfloat16"))
+    assert float((probs(rebuilt) - probs(bf16)).abs().max()) < 0.05
+    with pytest.raises(ValueError, match="matmul"):
+        FastModeConfig(matmul="float8")
+
+
 @pytest.mark.slow
 def test_real_typing_history_divergence_is_bounded(model, tokenizer):
     """Every event of a real typed PEP history: after each edit, the fast session's answer is
