@@ -28,6 +28,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -38,13 +39,25 @@ from engine.incremental.text_ops import sha1_hex
 from engine.model.base_model import load_tokenizer
 from pipeline.document_sessions import DocumentClassifier, Inference
 from pipeline.metrics import WorkerMetrics
-from pipeline.records import dead_letter_record, to_bytes, update_record
+from pipeline.records import dead_letter_key, dead_letter_record, to_bytes, update_record
 from pipeline.settings import Settings
-from state.document import DocumentState, StateCodecError, decode_state, encode_state
-from state.edit_event import EventRejected, parse_edit_event
+from pipeline.store_check import is_corruption, mark_damaged, move_aside_damaged
+from state.document import (
+    DocumentState,
+    StateCodecError,
+    StateTooLarge,
+    awaiting_snapshot,
+    decode_state,
+    encode_state,
+)
+from state.edit_event import EditEvent, EventRejected, parse_edit_event
 from state.ordering import AppliedRevision, advance
 
 log = logging.getLogger("incstream.worker")
+
+# Exit status of a worker that met a corruption in its local table store; the marker it
+# leaves makes its restart move that store aside and rebuild it from the changelog.
+EXIT_STORE_DAMAGED = 75
 
 
 def _set_torch_threads(threads: int) -> None:
@@ -63,6 +76,10 @@ def _fault_point(variable: str) -> tuple[str, int] | None:
         raise ValueError(f"{variable} must be <doc_id>:<rev>, got {spec!r}")
     log.warning("test fault injection armed: %s=%s", variable, spec)
     return doc_id, int(rev)
+
+
+class StateUnreadable(Exception):
+    """The event met a stored state that could not be read; it has been dead-lettered."""
 
 
 def _as_text(raw: bytes) -> str | None:
@@ -122,6 +139,11 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         value_type=bytes,
         partitions=settings.partitions,
     )
+    if settings.verify_store_at_start:
+        for aside in move_aside_damaged(Path(app.conf.tabledir), settings.table_name):
+            metrics.store_rebuilds.inc()
+            log.error("rebuilding %s's partition from the changelog (damaged store kept at %s)",
+                      settings.table_name, aside)
     tokenizer = load_tokenizer()
     crash_after_publish = _fault_point("INCSTREAM_TEST_CRASH_AFTER_PUBLISH")
     fail_before_publish = _fault_point("INCSTREAM_TEST_FAIL_BEFORE_PUBLISH")
@@ -150,10 +172,17 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     async def publish_dead_letter(
         key: bytes | None, reason: str, message: str, event: bytes | str | dict | None
     ) -> None:
-        """`event` is what arrived (the message's bytes), or a held event as it was stored."""
-        log.warning("dead letter (%s): %s", reason, message)
-        await publish(dead_letters, key, dead_letter_record(reason, message, event))
+        """`event` is what arrived (the message's bytes), or a held event as it was stored.
+        Counted whether or not the dead letter can be published; never raises."""
+        log.warning("dead letter (%s): %s", reason, message[:500])
         metrics.dead_letters.labels(reason).inc()
+        try:
+            await publish(dead_letters, dead_letter_key(key),
+                          dead_letter_record(reason, message, event))
+        except Exception:
+            metrics.dead_letter_failures.inc()
+            log.exception("could not publish the %s dead letter of key %r", reason,
+                          dead_letter_key(key))
 
     async def reject_too_large(key: bytes | None, size: int, event: bytes) -> None:
         await publish_dead_letter(
@@ -161,6 +190,64 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
             f"the document state would be {size} bytes, over the "
             f"{settings.max_state_bytes}-byte changelog limit; not applied", event)
         metrics.events.labels("dlq").inc()
+
+    def encode_or_size(state: DocumentState) -> bytes | int:
+        """The state's record, or its size when it cannot be written (over max_state_bytes,
+        or inflating past what a reader would accept)."""
+        try:
+            encoded = encode_state(state)
+        except StateTooLarge as exc:
+            return exc.size
+        return encoded if len(encoded) <= settings.max_state_bytes else len(encoded)
+
+    def store_damaged(exc: Exception, partition: int) -> None:
+        """RocksDB says the local store is corrupt: leave a marker and exit, so the restart
+        moves the store aside and rebuilds it from the changelog (the event, uncommitted,
+        is handled again then)."""
+        store = Path(documents.data.partition_path(partition))  # type: ignore[attr-defined]
+        mark_damaged(store, str(exc))
+        log.critical("table store %s is corrupt (%s); exiting so that it is rebuilt from the "
+                     "changelog at restart", store, exc)
+        logging.shutdown()
+        os._exit(EXIT_STORE_DAMAGED)
+
+    async def read_state(key: bytes, edit: EditEvent, message: faust.EventT
+                         ) -> DocumentState | None:
+        """The document's stored state (None: a new document). A state that cannot be read
+        is reset to await a snapshot: a snapshot resyncs it right away; any other event gets
+        one state_unreadable dead letter and the reset state is written (StateUnreadable)."""
+        try:
+            stored: bytes | None = documents.get(key)
+        except Exception as exc:
+            if is_corruption(exc):
+                store_damaged(exc, message.message.partition)
+            raise
+        if stored is None:
+            return None
+        try:
+            return decode_state(stored)
+        except StateCodecError as exc:
+            metrics.unreadable_states.inc()
+            if edit.is_snapshot:
+                log.warning("state of %r was unreadable (%s); rev %s's snapshot replaces it",
+                            edit.doc_id, exc, edit.rev)
+                return awaiting_snapshot(edit.doc_id)
+            await publish_dead_letter(
+                key, "state_unreadable",
+                f"{exc}; the document is reset and waits for a snapshot to resync it",
+                message.value)
+            write_state(key, encode_state(awaiting_snapshot(edit.doc_id)),
+                        message.message.partition)
+            raise StateUnreadable from None
+
+    def write_state(key: bytes, encoded: bytes, partition: int) -> None:
+        try:
+            documents[key] = encoded
+        except Exception as exc:
+            if is_corruption(exc):
+                store_damaged(exc, partition)
+            raise
+        metrics.state_record_bytes.observe(len(encoded))
 
     # The highest offset this process has handled, per partition. Around a restart's seek
     # Faust can hand an event over twice; a second sight is counted apart, so the metrics say
@@ -181,7 +268,7 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                 # 1. Parse. The Kafka key must be the doc_id: it is what keeps a document's
                 #    events in one partition, in order, next to its table entry.
                 try:
-                    edit = parse_edit_event(message.value)
+                    edit = parse_edit_event(message.value, settings.max_event_bytes)
                     if key is None or key.decode("utf-8", "replace") != edit.doc_id:
                         raise EventRejected("key_mismatch", f"Kafka key {key!r} is not doc_id "
                                             f"{edit.doc_id!r}")
@@ -191,11 +278,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                     continue
 
                 # 2. Look the document up.
-                stored: bytes | None = documents.get(key)
                 try:
-                    state = decode_state(stored) if stored is not None else None
-                except StateCodecError as exc:
-                    await publish_dead_letter(key, "state_unreadable", str(exc), message.value)
+                    state = await read_state(key, edit, message)
+                except StateUnreadable:
                     metrics.events.labels("dlq").inc()
                     continue
 
@@ -208,9 +293,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                     if lengths_in_tokens:
                         decision.state = decision.state.evolve(
                             tokens=lengths_in_tokens[-1], label=None, model_id=None)
-                encoded = encode_state(decision.state) if decision.state_changed else None
-                if encoded is not None and len(encoded) > settings.max_state_bytes:
-                    await reject_too_large(key, len(encoded), message.value)
+                encoded = encode_or_size(decision.state) if decision.state_changed else None
+                if isinstance(encoded, int):
+                    await reject_too_large(key, encoded, message.value)
                     continue
 
                 # 3b. Classify the applied revisions, off the event loop.
@@ -236,9 +321,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                     decision.state = decision.state.evolve(
                         tokens=lengths_in_tokens[-1], label=answers[-1].label,
                         model_id=classifier.name)
-                    encoded = encode_state(decision.state)
-                    if len(encoded) > settings.max_state_bytes:  # the label pushed it over
-                        await reject_too_large(key, len(encoded), message.value)
+                    encoded = encode_or_size(decision.state)
+                    if isinstance(encoded, int):  # the label pushed it over
+                        await reject_too_large(key, encoded, message.value)
                         continue
                 if fail_before_publish is not None and "fail" not in faults_fired and any(
                     (edit.doc_id, r.rev) == fail_before_publish for r in decision.applied
@@ -282,19 +367,16 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
 
                 # 5. Remember.
                 if encoded is not None:
-                    documents[key] = encoded
-                    metrics.state_record_bytes.observe(len(encoded))
+                    write_state(key, encoded, message.message.partition)
                     held_before = len(state.held) if state else 0
                     metrics.held_events.inc(len(decision.state.held) - held_before)
                 metrics.events.labels(decision.outcome).inc()
             except Exception:  # never let one event kill the agent (Faust restarts it forever)
-                log.exception("unexpected error on %r; sent to the dead-letter topic", key)
-                try:
-                    await publish_dead_letter(
-                        key, "internal_error", "unexpected worker error", message.value
-                    )
-                except Exception:
-                    log.exception("could not publish the dead letter either")
+                log.exception("unexpected error on %r; sent to the dead-letter topic",
+                              dead_letter_key(key))
+                await publish_dead_letter(
+                    key, "internal_error", "unexpected worker error", message.value
+                )
                 metrics.events.labels("dlq").inc()
             finally:
                 metrics.processing_seconds.observe(time.perf_counter() - started)

@@ -47,6 +47,24 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.dead_letter_failures = Counter(
+            "incstream_dead_letter_failures_total",
+            "Dead letters that could not be published (still counted in "
+            "incstream_dead_letters_total; the worker log has the event's reason)",
+            registry=r,
+        )
+        self.unreadable_states = Counter(
+            "incstream_unreadable_states_total",
+            "Stored document states that could not be read; each was reset to await a "
+            "snapshot (a state_unreadable dead letter) or replaced by the snapshot that met it",
+            registry=r,
+        )
+        self.store_rebuilds = Counter(
+            "incstream_store_rebuilds_total",
+            "Local table stores (one per partition) found damaged at start and moved aside; "
+            "each partition is rebuilt from the table's changelog",
+            registry=r,
+        )
         self.outputs = Counter(
             "incstream_outputs_total",
             "doc-class/v1 records published, one per applied revision (a held event counts "

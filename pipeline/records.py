@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,12 @@ if TYPE_CHECKING:
 
 CLASS_SCHEMA = "doc-class/v1"
 DLQ_SCHEMA = "doc-edit-dlq/v1"
+# A dead letter always fits one Kafka record (the producer's default limit is 1 MB): past this
+# size it carries an excerpt of the event, its size and its SHA-1 instead of the whole event.
+DEAD_LETTER_MAX_BYTES = 256 * 1024
+EVENT_EXCERPT_CHARS = 2048
+ERROR_MAX_CHARS = 2048  # error messages quote parts of the event (a key, a schema name)
+KEY_MAX_BYTES = 1024  # a dead letter's Kafka key; longer ones are replaced by their SHA-1
 
 
 def update_record(
@@ -75,7 +82,13 @@ def dead_letter_record(
     `event` is the message's bytes as text, exactly (never the event re-serialized after
     parsing). Bytes that are not UTF-8 are also given exactly, base64, in `event_base64`
     (`event` then has U+FFFD where they did not decode). A held event dead-lettered later
-    (when its gap filled) is given as it was held: its text as it arrived."""
+    (when its gap filled) is given as it was held: its text as it arrived.
+
+    A record that would be over DEAD_LETTER_MAX_BYTES carries instead the event's first
+    EVENT_EXCERPT_CHARS characters in `event`, `event_truncated: true`, `event_bytes` (its
+    size) and `event_sha1` (of its bytes), so it still fits the topic."""
+    if len(message) > ERROR_MAX_CHARS:
+        message = message[:ERROR_MAX_CHARS] + f"... ({len(message)} characters)"
     extra: dict[str, Any] = {}
     if isinstance(raw, bytes):
         try:
@@ -85,15 +98,35 @@ def dead_letter_record(
             extra["event_base64"] = base64.b64encode(raw).decode("ascii")
     else:
         original = raw
-    return {
-        "schema": DLQ_SCHEMA,
-        "reason": reason,
-        "error": message,
-        "event": original,
-        **extra,
-        "ts": time.time(),
-    }
+    record = {"schema": DLQ_SCHEMA, "reason": reason, "error": message, "event": original,
+              **extra, "ts": time.time()}
+    small = not isinstance(raw, bytes | str) or len(raw) <= DEAD_LETTER_MAX_BYTES
+    if small and len(to_bytes(record)) <= DEAD_LETTER_MAX_BYTES:
+        return record
+    if isinstance(raw, bytes):
+        whole = raw
+    elif isinstance(raw, str):  # a held event's text as it arrived
+        whole = raw.encode("utf-8", errors="surrogatepass")
+    else:  # a held event kept as JSON by an older worker
+        whole = to_bytes(raw)
+    # Decode only the head (4 bytes per character at most; a character cut at the end of it
+    # shows as U+FFFD, past the excerpt's end anyway unless the head is all 4-byte ones).
+    text = whole[:4 * EVENT_EXCERPT_CHARS].decode("utf-8", errors="replace")
+    return {"schema": DLQ_SCHEMA, "reason": reason, "error": message,
+            "event": text[:EVENT_EXCERPT_CHARS], "event_truncated": True,
+            "event_bytes": len(whole), "event_sha1": hashlib.sha1(whole).hexdigest(),
+            "ts": record["ts"]}
 
 
-def to_bytes(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The dead letter's Kafka key: the event's, unless it is too long to be a key."""
+    if key is None or len(key) <= KEY_MAX_BYTES:
+        return key
+    return b"sha1:" + hashlib.sha1(key).hexdigest().encode("ascii")
+
+
+def to_bytes(record: Any) -> bytes:
+    try:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (an old held event): JSON's \\u escape
+        return json.dumps(record, separators=(",", ":")).encode("ascii")

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     max_held_per_doc: int = 256
     # A document's encoded state must fit in one changelog record (Kafka's default is 1 MB).
     max_state_bytes: int = 900_000
+    # Events larger than this are dead-lettered unparsed (event_too_large), with an excerpt.
+    # Kafka's default record limit is 1 MB, so producers rarely get past it anyway.
+    max_event_bytes: int = 1_048_576
+    # Read every local table store through at start (RocksDB checksums) and move a damaged
+    # one aside to be rebuilt from the changelog. Costs a scan of the local state.
+    verify_store_at_start: bool = True
     # Faust commits consumer offsets this often (seconds); at-least-once either way.
     commit_interval_s: float = 1.0
     # How long the group waits for a silent (crashed) member before handing its partitions

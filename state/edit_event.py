@@ -1,4 +1,10 @@
-"""doc-edit/v1: one edit (or snapshot) of one document, parsed from its JSON bytes."""
+"""doc-edit/v1: one edit (or snapshot) of one document, parsed from its JSON bytes.
+
+Whatever arrives is either an EditEvent every later step can handle (text that encodes as
+UTF-8, revisions an int64 consumer can read, a finite timestamp, a doc_id short enough to be
+a Kafka key) or an EventRejected with a stable reason: hostile input never reaches the
+ordering, the codec or the model as something they would raise on.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEMA = "doc-edit/v1"
+INT64_MAX = 2**63 - 1  # revisions and lengths must be readable by int64 consumers
+MAX_DOC_ID_BYTES = 1024  # a doc_id is the Kafka key of the event, its updates and its state
 
 
 class EventRejected(ValueError):
@@ -46,9 +54,31 @@ def _optional_int(payload: dict[str, Any], name: str) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise EventRejected("invalid_event", f"{name} must be a non-negative integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT64_MAX:
+        raise EventRejected("invalid_event",
+                            f"{name} must be an integer from 0 to 2^63-1 (int64)")
     return value
+
+
+def _check_text(value: str, name: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no UTF-8 text can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventRejected("invalid_text", f"{name} holds a lone surrogate (not UTF-8 text)"
+                            ) from None
+
+
+def _check_texts(doc_id: str, snapshot: Any, ops: Any) -> None:
+    _check_text(doc_id, "doc_id")
+    if len(doc_id.encode("utf-8")) > MAX_DOC_ID_BYTES:
+        raise EventRejected("invalid_event",
+                            f"doc_id is longer than {MAX_DOC_ID_BYTES} bytes of UTF-8")
+    if isinstance(snapshot, str):
+        _check_text(snapshot, "snapshot")
+    for index, op in enumerate(ops if isinstance(ops, list) else ()):
+        if isinstance(op, dict) and isinstance(op.get("insert"), str):
+            _check_text(op["insert"], f"op #{index}'s insert")
 
 
 def event_from_json(payload: Any) -> EditEvent:
@@ -76,8 +106,11 @@ def event_from_json(payload: Any) -> EditEvent:
     if sha1_after is not None and not (isinstance(sha1_after, str) and len(sha1_after) == 40):
         raise EventRejected("invalid_event", "sha1_after must be 40 hex digits")
     ts = payload.get("ts")
-    if ts is not None and (not isinstance(ts, int | float) or isinstance(ts, bool)):
-        raise EventRejected("invalid_event", "ts must be a number")
+    # `not <=` also refuses NaN and infinity (1e999), which no JSON consumer could read back.
+    if ts is not None and (not isinstance(ts, int | float) or isinstance(ts, bool)
+                           or not abs(ts) <= INT64_MAX):
+        raise EventRejected("invalid_event", "ts must be a finite number")
+    _check_texts(doc_id, snapshot, ops)
     return EditEvent(
         doc_id=doc_id,
         rev=rev,
@@ -90,12 +123,18 @@ def event_from_json(payload: Any) -> EditEvent:
     )
 
 
-def parse_edit_event(raw: bytes | str | None) -> EditEvent:
-    """Bytes off the wire -> EditEvent, or EventRejected saying why not."""
+def parse_edit_event(raw: bytes | str | None, max_bytes: int | None = None) -> EditEvent:
+    """Bytes off the wire -> EditEvent, or EventRejected saying why not. `max_bytes`: events
+    larger than this are refused before they are parsed (event_too_large)."""
     if raw is None:
         raise EventRejected("invalid_json", "empty message (tombstone)")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise EventRejected("event_too_large",
+                            f"the event is {len(raw)} bytes, over the {max_bytes}-byte limit")
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise EventRejected("invalid_json", "JSON nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
         raise EventRejected("invalid_json", f"not valid JSON: {exc}") from None
     return event_from_json(payload)

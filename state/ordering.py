@@ -4,6 +4,8 @@
     rev == last + 1        applied (then any held successors are applied too)
     rev >  last + 1        held until the gap fills (bounded); past the bound -> dead letter
     snapshot, rev > last   creates or resyncs the document, then drains held successors
+    awaiting a snapshot    (its stored state was unreadable: text and rev unknown) an edit is
+                           dead-lettered (awaiting_snapshot); any snapshot restores it
 
 An event that cannot be applied (ops past the end, checksum mismatch, base_rev mismatch) is
 rejected with a reason and leaves the document exactly as it was.
@@ -127,6 +129,14 @@ def advance(
 
     if event.rev <= state.rev:
         decision.outcome = "duplicate"
+        return decision
+
+    if state.awaits_snapshot and not event.is_snapshot:
+        decision.outcome = "dlq"
+        decision.rejected.append(Rejection(
+            "awaiting_snapshot",
+            "this document's stored state was unreadable and has been reset; it needs a "
+            "snapshot before edits can apply", event.to_json()))
         return decision
 
     if not event.is_snapshot and event.rev > state.rev + 1:

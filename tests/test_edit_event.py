@@ -42,3 +42,52 @@ def test_bad_events_are_rejected_with_a_reason(raw, reason):
     with pytest.raises(EventRejected) as info:
         parse_edit_event(raw)
     assert info.value.reason == reason
+
+
+def _event(**fields) -> bytes:
+    return json.dumps({"schema": "doc-edit/v1", "doc_id": "d", "rev": 1, **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        # lone surrogates, in every text the worker would hash, store or key by
+        (_event(snapshot="ok \ud800"), "invalid_text"),
+        (_event(ops=[{"retain": 0}, {"insert": "\udfff"}]), "invalid_text"),
+        (json.dumps({"schema": "doc-edit/v1", "doc_id": "\ud83d", "rev": 0,
+                     "snapshot": ""}).encode(), "invalid_text"),
+        # nesting past the parser's recursion limit, and integers past int's digit limit
+        (b"[" * 50_000 + b"]" * 50_000, "invalid_json"),
+        (b'{"schema":"doc-edit/v1","doc_id":"d","rev":' + b"9" * 5000 + b',"ops":[]}',
+         "invalid_json"),
+        # revisions and lengths past int64; timestamps that are not finite
+        (_event(rev=2**63, ops=[]), "invalid_event"),
+        (_event(rev=10**100, ops=[]), "invalid_event"),
+        (_event(ops=[], base_rev=2**64), "invalid_event"),
+        (_event(ops=[], len_after=2**63), "invalid_event"),
+        (b'{"schema":"doc-edit/v1","doc_id":"d","rev":1,"ops":[],"ts":NaN}', "invalid_event"),
+        (b'{"schema":"doc-edit/v1","doc_id":"d","rev":1,"ops":[],"ts":1e999}', "invalid_event"),
+        (_event(ops=[], ts=10**30), "invalid_event"),
+        (json.dumps({"schema": "doc-edit/v1", "doc_id": "d" * 1025, "rev": 0,
+                     "snapshot": ""}).encode(), "invalid_event"),
+    ],
+)
+def test_hostile_events_get_a_named_reason(raw, reason):
+    with pytest.raises(EventRejected) as info:
+        parse_edit_event(raw)
+    assert info.value.reason == reason
+
+
+def test_the_largest_int64_revision_is_accepted():
+    assert parse_edit_event(_event(rev=2**63 - 1, ops=[])).rev == 2**63 - 1
+
+
+def test_events_over_the_size_limit_are_refused_before_parsing():
+    big = _event(snapshot="x" * 2000)
+    assert parse_edit_event(big, max_bytes=len(big)).snapshot == "x" * 2000
+    with pytest.raises(EventRejected) as info:
+        parse_edit_event(big + b" ", max_bytes=len(big))
+    assert info.value.reason == "event_too_large" and str(len(big) + 1) in str(info.value)
+    with pytest.raises(EventRejected) as info:  # not even looked at as JSON
+        parse_edit_event(b"{" * (len(big) + 1), max_bytes=len(big))
+    assert info.value.reason == "event_too_large"

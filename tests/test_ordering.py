@@ -1,7 +1,7 @@
 """Revision ordering: duplicates, gaps, snapshots, rejections (state.ordering)."""
 
 from engine.incremental.text_ops import TextChange, sha1_hex
-from state.document import DocumentState
+from state.document import DocumentState, awaiting_snapshot
 from state.edit_event import EditEvent, parse_edit_event
 from state.ordering import AppliedRevision, advance
 
@@ -216,3 +216,15 @@ def test_a_bad_held_event_is_dead_lettered_as_it_arrived_not_as_the_incoming_eve
     assert own.incoming is True
     (overflow,) = advance(state, insert_at_end("a", 3, "x"), max_held=1).rejected
     assert overflow.reason == "gap_overflow" and overflow.incoming is True
+
+
+def test_a_document_awaiting_a_snapshot_dead_letters_edits_and_any_snapshot_restores_it():
+    reset = awaiting_snapshot("d1")
+    for rev in (0, 1, 7):
+        d = advance(reset, insert_at_end("", rev, "x"))
+        assert d.outcome == "dlq" and not d.state_changed and d.state == reset
+        assert [r.reason for r in d.rejected] == ["awaiting_snapshot"]
+    d = advance(reset, snapshot(5, "back"))
+    assert d.outcome == "ok" and d.state.rev == 5 and d.state.text == "back"
+    assert not d.state.needs_snapshot and not d.state.awaits_snapshot
+    assert advance(d.state, insert_at_end("back", 6, "!")).state.text == "back!"
