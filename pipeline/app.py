@@ -140,10 +140,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         partitions=settings.partitions,
     )
     if settings.verify_store_at_start:
-        for aside in move_aside_damaged(Path(app.conf.tabledir), settings.table_name):
+        # Before Faust opens a store (it does on partition assignment); logged there.
+        for _ in move_aside_damaged(Path(app.conf.tabledir), settings.table_name):
             metrics.store_rebuilds.inc()
-            log.error("rebuilding %s's partition from the changelog (damaged store kept at %s)",
-                      settings.table_name, aside)
     tokenizer = load_tokenizer()
     crash_after_publish = _fault_point("INCSTREAM_TEST_CRASH_AFTER_PUBLISH")
     fail_before_publish = _fault_point("INCSTREAM_TEST_FAIL_BEFORE_PUBLISH")

@@ -72,3 +72,19 @@ def produce_raw(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) ->
     finally:
         producer.close()
     return partitions
+
+
+def produce_many(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes | None]],
+                 ) -> None:
+    """Write many (key, value) records quickly, in order within each partition (one request in
+    flight), values up to 32 MB (a producer's default limit is 1 MB)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                             max_in_flight_requests_per_connection=1,
+                             max_request_size=32 * 1024**2)
+    try:
+        futures = [producer.send(topic, key=key, value=value) for key, value in items]
+        producer.flush()
+        for future in futures:
+            future.get(timeout=60)
+    finally:
+        producer.close()
