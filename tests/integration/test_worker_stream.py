@@ -4,7 +4,8 @@ every kind of bad input, scrape its metrics.
 Before the module's worker starts, a worker running ANOTHER model bundle creates two documents
 and stops; then one of them is overwritten in the table's changelog with bytes that are not a
 state. The module's worker restores both from the changelog (its data dir is empty), so it
-meets a state another model wrote and a state it cannot read. It runs with the
+meets a state another model wrote and a state it cannot read (dead-lettered once, resynced by
+the document's next snapshot). It runs with the
 INCSTREAM_TEST_FAIL_BEFORE_PUBLISH hook armed for one document (an internal error after
 classification, before anything is published). Every test asks for the fixtures that produce
 what it checks, so each one also passes when run alone.
@@ -278,8 +279,14 @@ def bad_input(deployment, running_worker, reader) -> BadInput:
     send(edit(INTERNAL_ERROR_DOC, 2, ops=[{"retain": len(err1)}, {"insert": " Kenobi"}]),
          key=INTERNAL_ERROR_DOC)
 
-    # The stored state of this document is not a state: every event of it is dead-lettered.
+    # The stored state of this document is not a state: the first event that meets it is
+    # dead-lettered, the document is reset to wait for a snapshot, and its next snapshot
+    # (whatever its revision) brings it back. (An edit in between: test_worker_hostile.)
     send(edit(UNREADABLE_DOC, 1, ops=[{"insert": "x"}]), "state_unreadable", key=UNREADABLE_DOC)
+    resynced = "The soup was back, and warm this time"
+    send(edit(UNREADABLE_DOC, 5, snapshot=resynced), key=UNREADABLE_DOC)
+    send(edit(UNREADABLE_DOC, 6, ops=[{"retain": len(resynced)}, {"insert": "."}]),
+         key=UNREADABLE_DOC)
 
     # The stored state was written by another model (a news-outlet label): rev 1's
     # label_changed must not be computed against it.
@@ -300,7 +307,8 @@ def bad_input(deployment, running_worker, reader) -> BadInput:
         answers={doc: [(0, text0), (1, text1), (2, text2), (3, text3)],
                  held_doc: [(0, "ab"), (1, "abc")],
                  INTERNAL_ERROR_DOC: [(0, err0), (1, err1), (2, err2)],
-                 OTHER_MODEL_DOC: [(1, om1), (2, om2)]},
+                 OTHER_MODEL_DOC: [(1, om1), (2, om2)],
+                 UNREADABLE_DOC: [(5, resynced), (6, resynced + ".")]},
         sent=len(sent),
         unpublished=(err0, err_ops),
     )
