@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.incremental.chunk_record import ChunkRecord
 from engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
 from engine.model.macs import MacCounter
 from engine.model.minilm import embed, feed_forward_block
@@ -180,6 +181,55 @@ def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tens
                                macs)
     out = x.to(STORE)
     return FastChunk(ids, pos, layers, out, _pooled(out))
+
+
+def _held_slack(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Tensor,
+                codes: torch.Tensor) -> torch.Tensor:
+    """The slack of contexts ctx (n, H, d) that keep their codes (n, H): what _requantize gives
+    a held code, (tau_l + gap(c)) / 2 - |ctx - c|, at least the context tolerance."""
+    heads = ctx.shape[1]
+    tau = cfg.tau * float(fw.gap_median[layer])
+    all_heads = torch.arange(heads, device=ctx.device)
+    held = fw.codebooks.codes[layer][all_heads, codes]  # (n, H, d)
+    gap = fw.code_gap[layer][all_heads, codes]  # (n, H)
+    return ((tau + gap) / 2 - (ctx - held).norm(dim=-1)).clamp_min(
+        cfg.context_tolerance * float(fw.gap_median[layer]))
+
+
+def restore_fast_chunk(fw: FastWeights, cfg: FastModeConfig, record: ChunkRecord,
+                       cls_id: int, sep_id: int, macs: MacCounter) -> FastChunk:
+    """A chunk brought back from its durable record: the record's position ids and codes, and
+    everything else recomputed from them in one dense pass (no codebook search). Its codes are
+    the record's, so it answers as the chunk it was written from (up to float rounding)."""
+    dev = fw.w.device
+    ids = torch.tensor([cls_id, *record.content, sep_id], dtype=torch.long, device=dev)
+    pos = record.positions.to(device=dev, dtype=torch.long)
+    codes = record.codes.to(dev)
+    if len(pos) != len(ids) or codes.shape[1] != len(ids):
+        raise ValueError(f"record of {len(ids)} rows has {len(pos)} positions and codes for "
+                         f"{codes.shape[1]} rows")
+    x = embed(fw.w, ids, pos)
+    layers = []
+    for layer, lw in enumerate(fw.layers):
+        q, k, v = _qkv(fw, layer, x, macs)
+        lse, ctx = _attend(q, k, v, macs)
+        held = codes[layer].long()
+        slack = _held_slack(fw, cfg, layer, ctx, held)
+        layers.append(FastLayer(q.to(STORE), k.to(STORE), v.to(STORE), lse.contiguous(),
+                                slack.to(STORE), codes[layer].to(torch.uint8)))
+        x = feed_forward_block(lw, x, _lookup(fw, layer, held, macs), fw.w.config.layer_norm_eps,
+                               macs)
+    out = x.to(STORE)
+    return FastChunk(ids, pos, layers, out, _pooled(out), edits=record.edits,
+                     displacement=record.displacement)
+
+
+def fast_chunk_record(chunk: FastChunk) -> ChunkRecord:
+    """The durable part of a fast-mode chunk (engine.incremental.chunk_record)."""
+    return ChunkRecord(content=tuple(chunk.token_ids[1:-1].tolist()),
+                       positions=chunk.position_ids.to(torch.int16).cpu(),
+                       codes=torch.stack([layer.codes for layer in chunk.layers]).cpu(),
+                       edits=chunk.edits, displacement=chunk.displacement)
 
 
 def stable_positions(old_pos: torch.Tensor, r0: int, r1: int, m: int,

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.incremental.chunk_record import ChunkRecord
 from engine.incremental.chunks import (
     ChunkPolicy,
     chunk_lengths,
@@ -31,7 +32,14 @@ from engine.incremental.chunks import (
     word_continuation_mask,
 )
 from engine.incremental.edit_tokenizer import TokenEdit, apply_text_change, tokenize
-from engine.incremental.fast_chunk import FastChunk, FastUpdate, build_fast_chunk, update_fast_chunk
+from engine.incremental.fast_chunk import (
+    FastChunk,
+    FastUpdate,
+    build_fast_chunk,
+    fast_chunk_record,
+    restore_fast_chunk,
+    update_fast_chunk,
+)
 from engine.incremental.fast_mode import FastModeConfig, fast_weights
 from engine.incremental.incremental_attention import update_layer
 from engine.incremental.text_ops import TextChange, apply_ops
@@ -140,6 +148,14 @@ class ExactChunks:
     def build(self, ids: torch.Tensor, macs: MacCounter) -> ChunkActivations:
         return self.model.forward(ids, torch.arange(len(ids)), macs)
 
+    def record(self, chunk: ChunkActivations) -> ChunkRecord:
+        """An exact chunk is a function of its tokens: the record is its token ids."""
+        return ChunkRecord(content=tuple(chunk.token_ids[1:-1].tolist()))
+
+    def restore(self, record: ChunkRecord, ids: torch.Tensor,
+                macs: MacCounter) -> ChunkActivations:
+        return self.build(ids, macs)  # the same activations, bit for bit
+
     def update(self, chunk: ChunkActivations, content: Sequence[int], prefix: int, suffix: int,
                macs: MacCounter) -> tuple[ChunkActivations, ChunkUpdate] | None:
         """The incremental update, or None when rebuilding the chunk is the better deal."""
@@ -164,6 +180,15 @@ class FastChunks:
 
     def build(self, ids: torch.Tensor, macs: MacCounter) -> FastChunk:
         return build_fast_chunk(self.fw, self.config, ids, macs)
+
+    def record(self, chunk: FastChunk) -> ChunkRecord:
+        return fast_chunk_record(chunk)
+
+    def restore(self, record: ChunkRecord, ids: torch.Tensor, macs: MacCounter) -> FastChunk:
+        if record.codes is None or record.positions is None:  # an exact-mode record
+            return self.build(ids, macs)
+        return restore_fast_chunk(self.fw, self.config, record, int(ids[0]), int(ids[-1]),
+                                  macs)
 
     def update(self, chunk: FastChunk, content: Sequence[int], prefix: int, suffix: int,
                macs: MacCounter) -> tuple[FastChunk, FastUpdate] | str | None:
@@ -192,7 +217,11 @@ class DocumentSession:
 
     def __init__(self, model: VQModel, tokenizer: Any, text: str = "",
                  policy: ChunkPolicy | None = None, macs: MacCounter | None = None,
-                 mode: str | FastModeConfig | None = None):
+                 mode: str | FastModeConfig | None = None,
+                 records: Sequence[ChunkRecord] | None = None):
+        """A session on `text`: every chunk built, or, with `records` (the chunk_records() of
+        a session on the same text, e.g. read back from durable storage), restored from the
+        record of the same content where there is one (restored_chunks counts them)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = policy or ChunkPolicy()
@@ -205,8 +234,19 @@ class DocumentSession:
         self.chunks: list[ChunkActivations | FastChunk] = []
         ids = self.tokens.ids
         self._lengths = chunk_lengths(ids, self.policy, self.continues_word)
+        saved: dict[tuple[int, ...], list[ChunkRecord]] = {}
+        for record in records or ():
+            saved.setdefault(record.content, []).append(record)
+        self.restored_chunks = 0
         for start, n in zip(offsets(self._lengths), self._lengths, strict=True):
-            self.chunks.append(self._build(ids[start : start + n]))
+            content = ids[start : start + n]
+            matches = saved.get(tuple(content))
+            if matches:  # equal contents are matched in document order
+                chunk_ids = torch.tensor([self.cls_id, *content, self.sep_id], dtype=torch.long)
+                self.chunks.append(self.engine.restore(matches.pop(0), chunk_ids, self.macs))
+                self.restored_chunks += 1
+            else:
+                self.chunks.append(self._build(content))
         self._sum = self._exact_sum()
         self._edits_since_sum = 0
 
@@ -223,6 +263,11 @@ class DocumentSession:
     def nbytes(self) -> int:
         """Memory held by the activations of all chunks (tokens and text not counted)."""
         return sum(c.nbytes() for c in self.chunks)
+
+    def chunk_records(self) -> list[ChunkRecord]:
+        """The durable part of every chunk, in document order (engine.incremental.
+        chunk_record): pass them back as `records=` to bring the session back."""
+        return [self.engine.record(chunk) for chunk in self.chunks]
 
     def chunk_logits(self, index: int) -> torch.Tensor:
         return self.model.head.logits(self.chunks[index].pooled)
