@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 
 CLASS_SCHEMA = "doc-class/v1"
 DLQ_SCHEMA = "doc-edit-dlq/v1"
+# Every reason a dead letter can give (README's table explains each; metrics can export them
+# all from the start).
+DEAD_LETTER_REASONS = (
+    "event_too_large", "invalid_json", "unknown_schema", "invalid_event", "invalid_text",
+    "key_mismatch", "invalid_ops", "ops_past_end", "base_rev_mismatch", "length_mismatch",
+    "checksum_mismatch", "gap_overflow", "state_too_large", "state_unreadable",
+    "awaiting_snapshot", "internal_error",
+)
 # A dead letter always fits one Kafka record (the producer's default limit is 1 MB): past this
 # size it carries an excerpt of the event, its size and its SHA-1 instead of the whole event.
 DEAD_LETTER_MAX_BYTES = 256 * 1024

@@ -3,9 +3,12 @@
 import base64
 import hashlib
 import json
+import re
+from pathlib import Path
 
 from pipeline.records import (
     DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_REASONS,
     EVENT_EXCERPT_CHARS,
     dead_letter_key,
     dead_letter_record,
@@ -49,3 +52,11 @@ def test_a_key_too_long_for_kafka_is_replaced_by_its_hash():
     assert dead_letter_key(b"doc-1") == b"doc-1" and dead_letter_key(None) is None
     long_key = b"k" * 5_000_000
     assert dead_letter_key(long_key) == b"sha1:" + hashlib.sha1(long_key).hexdigest().encode()
+
+
+def test_the_readme_explains_every_dead_letter_reason_and_no_other():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    table = readme.split("`reason` is one of:", 1)[1].split("A dead-lettered event", 1)[0]
+    first_column = re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)*) \|", table, re.MULTILINE)
+    named = {name for cell in first_column for name in re.findall(r"`([a-z_]+)`", cell)}
+    assert named == set(DEAD_LETTER_REASONS)

@@ -27,7 +27,7 @@ from kafka_tools import produce_many, produce_raw
 from prom import metric, metric_by
 
 from engine.incremental.text_ops import apply_ops, sha1_hex
-from pipeline.records import DEAD_LETTER_MAX_BYTES, EVENT_EXCERPT_CHARS
+from pipeline.records import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_REASONS, EVENT_EXCERPT_CHARS
 from pipeline.topic_reader import TopicReader
 from pipeline.topics import changelog_topic
 from state.document import CODEC_VERSION, MAGIC
@@ -233,6 +233,7 @@ def test_fuzz_thousands_of_hostile_events_between_valid_edits(deployment, healed
     letters = reader.of(s.dlq_topic)[dlq_before:]
     got = Counter((r["reason"], dead_letter_identity(r)) for r in letters)
     assert got == stream.dead, (got - stream.dead, stream.dead - got)
+    assert {reason for reason, _ in got} <= set(DEAD_LETTER_REASONS)
     assert all(r["schema"] == "doc-edit-dlq/v1" and r["error"] for r in letters)
     counts = answered(reader, s.classes_topic)
     assert [key for key in stream.texts if counts[key] != 1] == [], "answered twice or never"
