@@ -8,7 +8,9 @@ version, a zlib bomb, a record with fields missing). A second worker starts on t
 dir: it must move the damaged stores aside, rebuild them from the changelog, answer every
 revision that follows with the right hash, dead-letter each poisoned document once and resync
 it from its next snapshot. The same worker then takes oversized events and a seeded fuzz
-stream of thousands of hostile events between valid edits.
+stream of thousands of hostile events between valid edits. Last, bytes are flipped in its
+stores' .sst files and a worker that does not check them at start meets the corruption while
+running: it must exit (status 75) leaving a marker, and its restart must rebuild the store.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import pytest
 from hostile_events import dead_letter_identity, dumps, fuzz_stream, identity
 from kafka_tools import produce_many, produce_raw
 from prom import metric, metric_by
+from rocksdict import Options, Rdict
 
 from engine.incremental.text_ops import apply_ops, sha1_hex
+from pipeline.app import EXIT_STORE_DAMAGED
 from pipeline.records import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_REASONS, EVENT_EXCERPT_CHARS
 from pipeline.topic_reader import TopicReader
 from pipeline.topics import changelog_topic
@@ -248,3 +252,62 @@ def test_fuzz_thousands_of_hostile_events_between_valid_edits(deployment, healed
     assert metric(page, "incstream_dead_letter_failures_total") == 0
     print(f"fuzz: {len(stream.items)} events ({dict(stream.kinds)}) handled in {seconds:.1f} s")
     assert identity(None) == "tombstone"
+
+
+def flush_and_flip_bytes(store: Path) -> None:
+    """Write the store's memtable into an .sst (as a long-running worker's data is), then flip
+    64 bytes in the middle of its largest .sst: a data block of documents, away from the first
+    block (Faust's offset key sorts first) and the index at the end."""
+    db = Rdict(str(store), options=Options(raw_mode=True))
+    db.flush()
+    db.close()
+    sst = max(store.glob("*.sst"), key=lambda path: path.stat().st_size)
+    data = bytearray(sst.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    sst.write_bytes(bytes(data))
+
+
+def test_a_corruption_met_while_running_exits_and_the_restart_rebuilds_the_store(
+    deployment, healed, reader
+):
+    s = deployment.settings
+    bootstrap = deployment.broker.bootstrap
+    data_dir = healed.worker.data_dir
+    bulky = {f"bulky-{i:03d}": f"bulky document {i}: " + "lorem ipsum dolor sit amet " * 80
+             for i in range(200)}  # ~2 KB each: many RocksDB blocks per store
+    produce_many(bootstrap, s.edits_topic, [(d.encode(), snapshot(d, 0, t))
+                                            for d, t in bulky.items()])
+    assert reader.wait_for(lambda: set(answered(reader, s.classes_topic)) >= {
+        (d, 0) for d in bulky}, timeout_s=120)
+    assert healed.worker.stop()[0] == 0
+    stores = sorted((data_dir / "v1" / "tables").glob(f"{s.table_name}-*.db"))
+    for store in stores:
+        flush_and_flip_bytes(store)
+
+    unchecked = deployment.worker(data_dir=data_dir, name="unchecked", model="none",
+                                  env={"INCSTREAM_VERIFY_STORE_AT_START": "false"}).start()
+    try:
+        unchecked.wait_ready()
+        edits = {d: append(d, 1, t, " (edited)") for d, t in bulky.items()}
+        produce_many(bootstrap, s.edits_topic, [(d.encode(), e) for d, (e, _) in edits.items()])
+        assert unchecked.wait_exit(timeout_s=120) == EXIT_STORE_DAMAGED
+    finally:
+        unchecked.kill()
+    markers = list(stores[0].parent.glob("*.db.damaged"))
+    assert markers and "Corruption" in markers[0].read_text()
+
+    restarted = deployment.worker(data_dir=data_dir, name="restarted", model="none").start()
+    try:
+        restarted.wait_ready()
+        assert reader.wait_for(lambda: set(answered(reader, s.classes_topic)) >= {
+            (d, 1) for d in bulky}, timeout_s=120), "not every revision answered after healing"
+        sha1s = {(r["doc_id"], r["rev"]): r["sha1"] for r in reader.of(s.classes_topic)}
+        assert {d: sha1s[(d, 1)] for d in bulky} == {d: sha1_hex(t) for d, (_, t) in
+                                                     edits.items()}
+        assert metric(restarted.scrape(), "incstream_store_rebuilds_total") == len(stores)
+        log = (deployment.root / "restarted.log").read_text("utf-8", errors="replace")
+        assert "a running worker met a corruption" in log
+        assert not list(stores[0].parent.glob("*.db.damaged")), "markers are consumed"
+    finally:
+        restarted.stop()
