@@ -88,6 +88,41 @@ def _setting(value: str) -> float | int | str:
         return value
 
 
+@bench.command("engine-batch")
+@click.option("--stream", "stream", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="doc-edit/v1 stream, JSONL or gzipped JSONL.")
+@click.option("--batch", "batches", default="1,4,16", show_default=True,
+              help="Batch sizes (documents per batched step), comma-separated.")
+@click.option("--rounds", type=int, default=60, show_default=True,
+              help="Edits replayed per document.")
+@click.option("--matmul", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Fast mode: dtype of the linear layers' matmuls (default float32).")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:N or auto (CUDA when available).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Write the result JSON here.")
+@click.option("--quiet", is_flag=True, help="No progress bar or table.")
+def engine_batch_cmd(stream: Path, batches: str, rounds: int, matmul: str | None, threads: int,
+                     device: str, json_out: Path, quiet: bool) -> None:
+    """Fast-mode edits of several documents, one at a time vs batched (one matmul per layer
+    for all their changed rows), side by side: seconds per edit and agreement."""
+    import torch
+
+    from engine.benchmarks.batching import render_batch_table, run_batch_bench
+    from engine.incremental.fast_mode import fast_config
+
+    torch.set_num_threads(threads)
+    sizes = tuple(int(b) for b in batches.split(",") if b.strip())
+    result = run_batch_bench(stream, sizes, rounds, fast=fast_config(matmul=matmul),
+                             device=device, progress=not quiet)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if not quiet:
+        render_batch_table(result)
+        click.echo(f"wrote {json_out}")
+
+
 @bench.command("engine-length")
 @click.option("--lengths", default="2000,50000", show_default=True,
               help="Comma-separated document lengths in tokens.")

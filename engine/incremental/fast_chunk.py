@@ -278,66 +278,87 @@ def _row_inputs(fw: FastWeights, layers: Sequence[FastLayer], ids: torch.Tensor,
     return x
 
 
-def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
-                      content: Sequence[int], prefix: int, suffix: int,
-                      macs: MacCounter) -> tuple[FastChunk, FastUpdate]:
-    """Bring a chunk to new `content` (the first `prefix` and last `suffix` content tokens are
-    kept) under the fast mode's rules. See the module docstring for the steps."""
-    mcfg = fw.w.config
-    heads, d = mcfg.heads, mcfg.head_dim
-    scale = 1.0 / math.sqrt(d)
-    dev = fw.w.device
-    n_old = len(chunk.token_ids)
-    r0, r1 = prefix + 1, n_old - 1 - suffix  # old rows r0..r1-1 are replaced
-    ins = torch.tensor(list(content[prefix : len(content) - suffix]), dtype=torch.long,
-                       device=dev)
-    m = len(ins)
-    ids = torch.cat([chunk.token_ids[:r0], ins, chunk.token_ids[r1:]])
-    pos, pushed = stable_positions(chunk.position_ids, r0, r1, m, cfg.shift_limit)
-    n = len(ids)
-    old_src = torch.cat([torch.arange(r0, device=dev),
-                         torch.full((m,), -1, dtype=torch.long, device=dev),
-                         torch.arange(r1, n_old, device=dev)])
-    gather = old_src.clamp(min=0)
-    deleted = torch.arange(r0, r1, device=dev)  # old rows whose keys leave every layer
-    s_idx = torch.arange(r0, r0 + m + pushed, device=dev)  # rows whose input changed
-    x_s = embed(fw.w, ids[s_idx], pos[s_idx])
-    report = FastUpdate()
-    layers: list[FastLayer] = []
-    all_heads = torch.arange(heads, device=dev).unsqueeze(1)  # (H, 1)
-    identity = m == r1 - r0  # same row count: old row i is new row i
-    for layer, (old, lw) in enumerate(zip(chunk.layers, fw.layers, strict=True)):
-        report.rows_changed.append(len(s_idx))
-        if identity:
+class FastSplice:
+    """One chunk's fast update in progress, advanced one layer at a time, so that the updates
+    of several chunks (of one document or of many) share each layer's matmuls
+    (update_fast_chunks). Steps per layer, as in the module docstring:
+    `begin_layer` (carry the old state over; False when nothing changed here), then, with the
+    Q/K/V of the changed rows, `attend` (steps 2-3; returns the rows that need the rest of
+    the block and their codes), then `end_layer` with those rows' outputs (step 4)."""
+
+    def __init__(self, fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
+                 content: Sequence[int], prefix: int, suffix: int, macs: MacCounter):
+        self.fw, self.cfg, self.chunk, self.macs = fw, cfg, chunk, macs
+        dev = fw.w.device
+        n_old = len(chunk.token_ids)
+        r0, r1 = prefix + 1, n_old - 1 - suffix  # old rows r0..r1-1 are replaced
+        ins = torch.tensor(list(content[prefix : len(content) - suffix]), dtype=torch.long,
+                           device=dev)
+        m = len(ins)
+        self.r0, self.m = r0, m
+        self.ids = torch.cat([chunk.token_ids[:r0], ins, chunk.token_ids[r1:]])
+        self.pos, pushed = stable_positions(chunk.position_ids, r0, r1, m, cfg.shift_limit)
+        self.n = len(self.ids)
+        self.old_src = torch.cat([torch.arange(r0, device=dev),
+                                  torch.full((m,), -1, dtype=torch.long, device=dev),
+                                  torch.arange(r1, n_old, device=dev)])
+        self.gather = self.old_src.clamp(min=0)
+        self.deleted = torch.arange(r0, r1, device=dev)  # old rows whose keys leave every layer
+        self.s_idx = torch.arange(r0, r0 + m + pushed, device=dev)  # rows whose input changed
+        self.x_s = embed(fw.w, self.ids[self.s_idx], self.pos[self.s_idx])
+        self.identity = m == r1 - r0  # same row count: old row i is new row i
+        self.all_heads = torch.arange(fw.w.config.heads, device=dev).unsqueeze(1)  # (H, 1)
+        self.report = FastUpdate()
+        self.layers: list[FastLayer] = []
+        self.left = self.deleted
+
+    def begin_layer(self, layer: int) -> bool:
+        """Carry layer `layer`'s old state into the new row order; False if no row's input
+        changed and no key left (the layer is kept as is)."""
+        self.report.rows_changed.append(len(self.s_idx))
+        old = self.chunk.layers[layer]
+        if self.identity:
             q, k, v = old.q.clone(), old.k.clone(), old.v.clone()
             lse, slack, codes = old.lse.clone(), old.slack.clone(), old.codes.long()
         else:
-            q, k, v = old.q[gather], old.k[gather], old.v[gather]
-            lse, slack, codes = old.lse[gather], old.slack[gather], old.codes[gather].long()
-        codes[r0 : r0 + m] = -1  # the inserted rows have no code yet
-        s_src = old_src[s_idx]
-        left = torch.cat([deleted, s_src[s_src >= 0]])  # old rows whose keys leave
-        if len(s_idx) == 0 and len(left) == 0:
-            layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
-            continue
-        q_s, k_s, v_s = _qkv(fw, layer, x_s, macs)
+            g = self.gather
+            q, k, v = old.q[g], old.k[g], old.v[g]
+            lse, slack, codes = old.lse[g], old.slack[g], old.codes[g].long()
+        codes[self.r0 : self.r0 + self.m] = -1  # the inserted rows have no code yet
+        self.q, self.k, self.v, self.lse, self.slack, self.codes = q, k, v, lse, slack, codes
+        s_src = self.old_src[self.s_idx]
+        self.left = torch.cat([self.deleted, s_src[s_src >= 0]])  # old rows whose keys leave
+        if len(self.s_idx) == 0 and len(self.left) == 0:
+            self.layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
+            return False
+        return True
+
+    def attend(self, layer: int, q_s: torch.Tensor, k_s: torch.Tensor,
+               v_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-3 with the changed rows' Q/K/V: returns (inputs, codes) of the rows that
+        need the rest of the block (S, and rows whose code flipped)."""
+        fw, cfg, macs, report = self.fw, self.cfg, self.macs, self.report
+        old = self.chunk.layers[layer]
+        q, k, v, lse, codes, s_idx = self.q, self.k, self.v, self.lse, self.codes, self.s_idx
+        heads, d = fw.w.config.heads, fw.w.config.head_dim
         # 2. How far the keys that left and came in moved every other row's context: weights
         #    against the row's stored normaliser, values' offsets from the row's code vector.
         #    Computed for all n rows, head-major (H, n, J): cheaper than gathering the others;
         #    the rows of S get their context recomputed below anyway.
-        keys = torch.cat([k_s, old.k[left].to(F32)])  # (J, H, d)
-        vals = torch.cat([v_s, old.v[left].to(F32)])
-        w = torch.matmul(q.to(F32).transpose(0, 1), keys.permute(1, 2, 0)).mul_(scale)
+        keys = torch.cat([k_s, old.k[self.left].to(F32)])  # (J, H, d)
+        vals = torch.cat([v_s, old.v[self.left].to(F32)])
+        w = torch.matmul(q.to(F32).transpose(0, 1), keys.permute(1, 2, 0)).mul_(
+            1.0 / math.sqrt(d))
         w = w.sub_(lse.t().unsqueeze(-1)).exp_()  # (H, n, J)
         w[:, :, len(k_s):].neg_()  # a key that left takes its mass back
-        code_vec = fw.codebooks.codes[layer][all_heads, codes.t().clamp_min(0)]  # (H, n, d)
+        code_vec = fw.codebooks.codes[layer][self.all_heads, codes.t().clamp_min(0)]  # (H,n,d)
         w_sum = w.sum(-1)  # (H, n)
         move = torch.matmul(w, vals.transpose(0, 1)).sub_(w_sum.unsqueeze(-1) * code_vec)
         drift = move.norm(dim=-1).div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)
-        t_rows = n - len(s_idx)
+        t_rows = self.n - len(s_idx)
         macs.add("attn_scores", t_rows * len(keys) * heads * d)
         macs.add("attn_values", t_rows * len(keys) * heads * d)
-        slack_f = slack.to(F32).sub_(drift.t())
+        slack_f = self.slack.to(F32).sub_(drift.t())
         slack = slack_f.to(STORE)
         # 3. Recompute whole contexts of S and of rows whose slack ran out; re-quantize them.
         spent = (slack_f < 0).any(-1)
@@ -355,20 +376,67 @@ def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
         report.code_flips += int(flipped.sum())
         codes[u_idx] = new_codes
         slack[u_idx] = new_slack.to(STORE)
-        # 4. The rest of the block for S and the rows whose code changed.
+        self.layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
+        # 4. The rest of the block runs for S and the rows whose code changed.
         f_idx = u_idx[len(s_idx):][flipped[len(s_idx):]]
+        x_in = self.x_s
         if len(f_idx):
-            x_f = _row_inputs(fw, layers, ids, pos, f_idx, layer, macs)
-            s_idx, x_in = torch.cat([s_idx, f_idx]), torch.cat([x_s, x_f])
-        else:
-            x_in = x_s
-        layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
-        x_s = feed_forward_block(lw, x_in, _lookup(fw, layer, codes[s_idx], macs),
-                                 mcfg.layer_norm_eps, macs)
-    out = chunk.out.clone() if identity else chunk.out[gather]
-    if len(s_idx):
-        out[s_idx] = x_s.to(STORE)
-    canon = torch.arange(n, device=dev)
-    new = FastChunk(ids, pos, layers, out, _pooled(out), edits=chunk.edits + 1,
-                    displacement=int((pos - canon).abs().max()))
-    return new, report
+            x_f = _row_inputs(fw, self.layers, self.ids, self.pos, f_idx, layer, macs)
+            self.s_idx, x_in = torch.cat([s_idx, f_idx]), torch.cat([x_in, x_f])
+        return x_in, codes[self.s_idx]
+
+    def end_layer(self, x_out: torch.Tensor) -> None:
+        self.x_s = x_out
+
+    def result(self) -> tuple[FastChunk, FastUpdate]:
+        chunk, s_idx = self.chunk, self.s_idx
+        out = chunk.out.clone() if self.identity else chunk.out[self.gather]
+        if len(s_idx):
+            out[s_idx] = self.x_s.to(STORE)
+        canon = torch.arange(self.n, device=out.device)
+        new = FastChunk(self.ids, self.pos, self.layers, out, _pooled(out),
+                        edits=chunk.edits + 1,
+                        displacement=int((self.pos - canon).abs().max()))
+        return new, self.report
+
+
+def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
+    """Advance several chunk updates together, layer by layer: the Q/K/V projection and the
+    feed-forward of all their changed rows go through one matmul each per layer (what makes a
+    batch of edits cheaper than the same edits one at a time). Each splice's MACs go to its own
+    counter; read the results with FastSplice.result()."""
+    eps = fw.w.config.layer_norm_eps
+    for layer in range(len(fw.layers)):
+        active = [sp for sp in splices if sp.begin_layer(layer)]
+        if not active:
+            continue
+        sizes = [len(sp.x_s) for sp in active]
+        scratch = MacCounter()
+        q, k, v = _qkv(fw, layer, torch.cat([sp.x_s for sp in active]), scratch)
+        inputs, codes = [], []
+        for sp, q_s, k_s, v_s in zip(active, q.split(sizes), k.split(sizes), v.split(sizes),
+                                     strict=True):
+            x_in, c = sp.attend(layer, q_s, k_s, v_s)
+            inputs.append(x_in)
+            codes.append(c)
+        sizes_out = [len(x) for x in inputs]
+        attn = _lookup(fw, layer, torch.cat(codes), scratch)
+        x_out = feed_forward_block(fw.layers[layer], torch.cat(inputs), attn, eps, scratch)
+        for sp, x in zip(active, x_out.split(sizes_out), strict=True):
+            sp.end_layer(x)
+        # Each splice is charged for its own rows (what the batched matmuls counted in all).
+        w_qkv, lw = fw.wqkv[layer][0], fw.layers[layer]
+        hidden = fw.w.config.hidden
+        for sp, a, b in zip(active, sizes, sizes_out, strict=True):
+            sp.macs.add("linear", a * w_qkv.numel() + b * (lw.w_up.numel() + lw.w_down.numel()))
+            sp.macs.add_adds(b * fw.w.config.heads * hidden)
+
+
+def update_fast_chunk(fw: FastWeights, cfg: FastModeConfig, chunk: FastChunk,
+                      content: Sequence[int], prefix: int, suffix: int,
+                      macs: MacCounter) -> tuple[FastChunk, FastUpdate]:
+    """Bring a chunk to new `content` (the first `prefix` and last `suffix` content tokens are
+    kept) under the fast mode's rules. See the module docstring for the steps."""
+    splice = FastSplice(fw, cfg, chunk, content, prefix, suffix, macs)
+    update_fast_chunks(fw, [splice])
+    return splice.result()

@@ -34,11 +34,12 @@ from engine.incremental.chunks import (
 from engine.incremental.edit_tokenizer import TokenEdit, apply_text_change, tokenize
 from engine.incremental.fast_chunk import (
     FastChunk,
+    FastSplice,
     FastUpdate,
     build_fast_chunk,
     fast_chunk_record,
     restore_fast_chunk,
-    update_fast_chunk,
+    update_fast_chunks,
 )
 from engine.incremental.fast_mode import FastModeConfig, fast_weights
 from engine.incremental.incremental_attention import update_layer
@@ -71,6 +72,92 @@ class EditReport:
     touched: list[int]  # indices (after the edit) of chunks that were updated or rebuilt
     chunk_updates: list[ChunkUpdate]
     seconds: float
+
+
+@dataclass
+class PendingChunk:
+    """A chunk an edit touched, waiting for its update (run_pending fills `result`: the
+    updated chunk and its report, REFRESH, or None = build it)."""
+
+    old: ChunkActivations | FastChunk | None
+    content: list[int]
+    prefix: int
+    suffix: int
+    result: Any = None
+
+
+@dataclass
+class EditPlan:
+    """One document's edit between plan_token_edit and finish_token_edit."""
+
+    edit: TokenEdit
+    first: int  # first chunk of the re-cut region
+    replaced: int  # old chunks in it
+    lengths: list[int]  # its new chunk lengths
+    slots: list[Any]  # per new chunk: a kept chunk or a PendingChunk
+    macs: MacCounter  # what this edit's updates cost
+
+
+def run_pending(plans: Sequence[tuple[DocumentSession, EditPlan]]) -> None:
+    """Update the pending chunks of several documents' edits: the fast-mode ones together,
+    layer by layer, one Q/K/V and one feed-forward matmul per layer for all their changed rows
+    (engine.incremental.fast_chunk.update_fast_chunks); exact-mode chunks one by one."""
+    batches: dict[int, tuple[Any, list[FastSplice]]] = {}
+    running: list[tuple[PendingChunk, FastSplice]] = []
+    for session, plan in plans:
+        for slot in plan.slots:
+            if not isinstance(slot, PendingChunk) or slot.old is None:
+                continue
+            engine = session.engine
+            if isinstance(engine, FastChunks):
+                started = engine.start(slot.old, slot.content, slot.prefix, slot.suffix,
+                                       plan.macs)
+                if isinstance(started, FastSplice):
+                    batches.setdefault(id(engine.fw), (engine.fw, []))[1].append(started)
+                    running.append((slot, started))
+                else:
+                    slot.result = started
+            else:
+                slot.result = engine.update(slot.old, slot.content, slot.prefix, slot.suffix,
+                                            plan.macs)
+    for fw, splices in batches.values():
+        update_fast_chunks(fw, splices)
+    for slot, splice in running:
+        slot.result = splice.result()
+
+
+def apply_changes_batched(
+        changes: Sequence[tuple[DocumentSession, str, TextChange]]) -> list[EditReport]:
+    """Apply one text change to each of several documents' sessions in one batched step
+    (run_pending): the answers are those of applying them one at a time, up to float
+    rounding of the batched matmuls. Each report's MACs are its own document's; its seconds
+    are the whole batch's."""
+    if len({id(session) for session, _, _ in changes}) != len(changes):
+        raise ValueError("one change per session in a batch (a document's edits are ordered)")
+    started = time.perf_counter()
+    plans = []
+    for session, new_text, change in changes:
+        _, edit = apply_text_change(session.tokenizer, session.tokens, new_text, change)
+        plans.append((session, edit, session.plan_token_edit(edit, MacCounter())))
+    run_pending([(session, plan) for session, _, plan in plans if plan is not None])
+    results = []
+    for session, edit, plan in plans:
+        touched, updates = session.finish_token_edit(plan) if plan is not None else ([], [])
+        macs = plan.macs if plan is not None else MacCounter()
+        session.macs.merge(macs)
+        results.append((edit, macs.as_dict(), touched, updates))
+    seconds = time.perf_counter() - started
+    return [EditReport(edit, macs, touched, updates, seconds)
+            for edit, macs, touched, updates in results]
+
+
+def apply_ops_batched(edits: Sequence[tuple[DocumentSession, Sequence[Any]]]) -> list[EditReport]:
+    """apply_ops for several documents at once (apply_changes_batched)."""
+    changes = []
+    for session, ops in edits:
+        new_text, change = apply_ops(session.text, ops)
+        changes.append((session, new_text, change))
+    return apply_changes_batched(changes)
 
 
 def build_chunk(model: VQModel, cls_id: int, sep_id: int, content: Sequence[int],
@@ -190,15 +277,25 @@ class FastChunks:
         return restore_fast_chunk(self.fw, self.config, record, int(ids[0]), int(ids[-1]),
                                   macs)
 
-    def update(self, chunk: FastChunk, content: Sequence[int], prefix: int, suffix: int,
-               macs: MacCounter) -> tuple[FastChunk, FastUpdate] | str | None:
+    def start(self, chunk: FastChunk, content: Sequence[int], prefix: int, suffix: int,
+              macs: MacCounter) -> FastSplice | str | None:
+        """The update as a FastSplice to run (alone or batched with others), or REFRESH /
+        None when the chunk is to be rebuilt."""
         cfg = self.config
         if ((cfg.refresh_edits and chunk.edits + 1 >= cfg.refresh_edits)
                 or (cfg.refresh_displacement and chunk.displacement > cfg.refresh_displacement)):
             return REFRESH  # rebuild canonically
         if prefix + suffix == 0:
             return None  # nothing kept
-        return update_fast_chunk(self.fw, cfg, chunk, content, prefix, suffix, macs)
+        return FastSplice(self.fw, cfg, chunk, content, prefix, suffix, macs)
+
+    def update(self, chunk: FastChunk, content: Sequence[int], prefix: int, suffix: int,
+               macs: MacCounter) -> tuple[FastChunk, FastUpdate] | str | None:
+        splice = self.start(chunk, content, prefix, suffix, macs)
+        if not isinstance(splice, FastSplice):
+            return splice
+        update_fast_chunks(self.fw, [splice])
+        return splice.result()
 
 
 def chunk_mode(model: VQModel, mode: str | FastModeConfig | None) -> ExactChunks | FastChunks:
@@ -246,7 +343,7 @@ class DocumentSession:
                 self.chunks.append(self.engine.restore(matches.pop(0), chunk_ids, self.macs))
                 self.restored_chunks += 1
             else:
-                self.chunks.append(self._build(content))
+                self.chunks.append(self._build(content, self.macs))
         self._sum = self._exact_sum()
         self._edits_since_sum = 0
 
@@ -293,36 +390,38 @@ class DocumentSession:
         return self.apply_change(new_text, change)
 
     def apply_change(self, new_text: str, change: TextChange) -> EditReport:
-        started = time.perf_counter()
-        before = self.macs.as_dict()
-        _, edit = apply_text_change(self.tokenizer, self.tokens, new_text, change)
-        touched, updates = self.apply_token_edit(edit)
-        after = self.macs.as_dict()
-        delta = {k: after[k] - before[k] for k in after}
-        return EditReport(edit, delta, touched, updates, time.perf_counter() - started)
+        return apply_changes_batched([(self, new_text, change)])[0]
 
     @property
     def mode(self) -> str:
         return self.engine.name
 
-    def _build(self, content: Sequence[int]) -> ChunkActivations | FastChunk:
+    def _build(self, content: Sequence[int], macs: MacCounter) -> ChunkActivations | FastChunk:
         ids = torch.tensor([self.cls_id, *content, self.sep_id], dtype=torch.long)
-        return self.engine.build(ids, self.macs)
+        return self.engine.build(ids, macs)
 
     def apply_token_edit(self, edit: TokenEdit) -> tuple[list[int], list[ChunkUpdate]]:
-        """Re-cut the edited tokens around the edit and bring each chunk there up to date.
+        """Re-cut the edited tokens around the edit and bring each chunk there up to date
+        (plan_token_edit, run_pending, finish_token_edit; the session's token list must already
+        be the edited one, as apply_change leaves it)."""
+        plan = self.plan_token_edit(edit, self.macs)
+        if plan is None:
+            return [], []
+        run_pending([(self, plan)])
+        return self.finish_token_edit(plan)
 
-        The session's token list must already be the edited one (apply_change does that); the
-        chunks still hold the old tokens. engine.incremental.chunks.relayout re-cuts only the
-        chunks near
-        the edit (the layout equals a fresh cut of all tokens); the rest are kept untouched, so
-        an edit costs nothing per chunk elsewhere in the document. Inside the re-cut region a
-        new chunk that starts where an old chunk started (mapped across the edit) is that old
-        chunk, kept as is when its tokens are unchanged and updated incrementally otherwise;
-        any other new chunk is built.
+    def plan_token_edit(self, edit: TokenEdit, macs: MacCounter) -> EditPlan | None:
+        """Which chunks an edit touches, and what each of them becomes (None: a no-op edit).
+
+        The chunks still hold the old tokens. engine.incremental.chunks.relayout re-cuts only
+        the chunks near the edit (the layout equals a fresh cut of all tokens); the rest are
+        kept untouched, so an edit costs nothing per chunk elsewhere in the document. Inside
+        the re-cut region a new chunk that starts where an old chunk started (mapped across
+        the edit) is that old chunk, kept as is when its tokens are unchanged and updated
+        incrementally otherwise (a PendingChunk); any other new chunk is built.
         """
         if edit.is_noop:
-            return [], []
+            return None
         ids = self.tokens.ids
         first, replaced, lengths = relayout(ids, self._lengths, edit.start, edit.deleted,
                                             len(edit.inserted), self.policy,
@@ -338,9 +437,7 @@ class DocumentSession:
             elif start >= edit_end:
                 by_new_start[start + shift] = self.chunks[k]
             start += self._lengths[k]
-        new_chunks: list[ChunkActivations | FastChunk] = []
-        touched: list[int] = []
-        updates: list[ChunkUpdate | FastUpdate] = []
+        slots: list[ChunkActivations | FastChunk | PendingChunk] = []
         start = region_start
         for n in lengths:
             content = ids[start : start + n]
@@ -348,23 +445,36 @@ class DocumentSession:
             start += n
             old_content = old.token_ids[1:-1].tolist() if old is not None else None
             if old_content == content:
-                new_chunks.append(old)
+                slots.append(old)
                 continue
-            touched.append(first + len(new_chunks))
             prefix, suffix = common_ends(old_content or [], content)
-            done = (self.engine.update(old, content, prefix, suffix, self.macs)
-                    if old is not None else None)
+            slots.append(PendingChunk(old, content, prefix, suffix))
+        return EditPlan(edit, first, replaced, lengths, slots, macs)
+
+    def finish_token_edit(self, plan: EditPlan) -> tuple[list[int], list[ChunkUpdate]]:
+        """Install what the plan's pending chunks became (building those that were not
+        updated); returns the touched chunk indices and their updates."""
+        new_chunks: list[ChunkActivations | FastChunk] = []
+        touched: list[int] = []
+        updates: list[ChunkUpdate | FastUpdate] = []
+        for slot in plan.slots:
+            if not isinstance(slot, PendingChunk):
+                new_chunks.append(slot)
+                continue
+            touched.append(plan.first + len(new_chunks))
+            done = slot.result
             if done is not None and done is not REFRESH:
                 acts, update = done
             else:
-                acts = self._build(content)
+                acts = self._build(slot.content, plan.macs)
                 update = ChunkUpdate([len(acts.token_ids)] * self.model.cfg.layers, 0, True,
                                      refreshed=done is REFRESH)
             new_chunks.append(acts)
             updates.append(update)
+        first, replaced = plan.first, plan.replaced
         old_region = self.chunks[first : first + replaced]
         self.chunks[first : first + replaced] = new_chunks
-        self._lengths[first : first + replaced] = lengths
+        self._lengths[first : first + replaced] = plan.lengths
         self._edits_since_sum += 1
         if self._edits_since_sum >= 256:  # wipe the running sum's rounding now and then
             self._sum, self._edits_since_sum = self._exact_sum(), 0

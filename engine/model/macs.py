@@ -42,6 +42,12 @@ class MacCounter:
     def total(self) -> int:
         return sum(self.macs.values())
 
+    def merge(self, other: MacCounter) -> None:
+        """Add another counter's counts to this one."""
+        for category, n in other.macs.items():
+            self.add(category, n)
+        self.adds += other.adds
+
     def reset(self) -> None:
         self.macs = defaultdict(int)
         self.adds = 0

@@ -54,3 +54,25 @@ def test_bench_engine_cli(tmp_path):
     # the engine state of the fast mode is float16, far below exact mode's float64 state
     assert (fast["bytes_per_token"]["engine"]["median"]
             < exact["bytes_per_token"]["engine"]["median"] / 4)
+
+
+def test_bench_engine_batch_cli(tmp_path):
+    events = []
+    for doc in ("a", "b", "c"):
+        text = f"Document {doc}: a short text that the test edits word by word. " * 3
+        events.append({"schema": "doc-edit/v1", "doc_id": doc, "rev": 0, "snapshot": text})
+        for rev, word in enumerate(("alpha", "beta", "gamma"), start=1):
+            events.append({"schema": "doc-edit/v1", "doc_id": doc, "rev": rev,
+                           "ops": [{"retain": 12}, {"insert": f" {word}"}]})
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("".join(json.dumps(e) + "\n" for e in events))
+    out = tmp_path / "batch.json"
+    result = CliRunner().invoke(bench, ["engine-batch", "--stream", str(stream), "--batch",
+                                        "1,3", "--rounds", "3", "--device", "cpu", "--json",
+                                        str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["rounds"] == 3 for r in rows)
+    for row in rows:
+        assert row["codes_apart"] == 0 and row["max_prob_diff"] < 1e-5
+        assert row["batched_seconds_per_edit"]["median"] > 0
