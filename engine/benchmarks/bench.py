@@ -41,6 +41,8 @@ from engine.model.macs import MacCounter, dense_chunk_macs
 from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
 from engine.model.vq_model import VQModel
 
+CONFIDENT_MARGIN = 0.2  # top-two probability gap of a "confident" reference label
+
 
 def read_stream(path: Path, docs: int) -> Iterator[tuple[str, str, list[dict]]]:
     """(doc_id, snapshot, edit events) for the first `docs` documents of a stream."""
@@ -113,6 +115,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
         "touched_macs_ratio", "prob_diff", "engine_bytes_per_token", "cc_bytes_per_token",
         "reference_step")}
     label_agree = revisions = 0
+    confident = confident_agree = reference_flips = 0
     checked = mismatches = codes_checked = tok_mismatch = noop = sha_mismatch = 0
     rebuilt = refreshed = n_events = 0
     max_diff = 0.0
@@ -160,6 +163,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
             # Divergence from a fresh exact build of the same text, after every edit.
             ref = _probs(reference.logits(session.text))
             rec["reference_step"].append(float((ref - prev_ref).abs().max()))
+            reference_flips += int(int(ref.argmax()) != int(prev_ref.argmax()))
             prev_ref = ref
             mine = _probs(session.logits())
             diff = float((mine - ref).abs().max())
@@ -168,6 +172,10 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
             doc_diffs.append(diff)
             label_agree += agree
             doc_agree += agree
+            top2 = ref.topk(min(2, len(ref))).values
+            if len(top2) == 2 and float(top2[0] - top2[1]) >= CONFIDENT_MARGIN:
+                confident += 1
+                confident_agree += agree
             revisions += 1
             if tokenize(tokenizer, session.text).ids != list(session.tokens.ids):
                 tok_mismatch += 1
@@ -273,6 +281,16 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
                     "of the same text (every event of every replayed document)",
             "revisions": revisions,
             "label_agreement": label_agree / max(1, revisions),
+            "label_agreement_confident": {
+                "what": f"label agreement on the revisions where the fresh exact build's top "
+                        f"two probabilities are at least {CONFIDENT_MARGIN} apart (a label "
+                        "the reference itself holds firmly)",
+                "revisions": confident,
+                "agreement": confident_agree / confident if confident else None},
+            "reference_label_flips": {
+                "what": "revisions whose fresh exact label differs from the previous "
+                        "revision's: how often the reference itself changes its mind",
+                "count": reference_flips, "rate": reference_flips / max(1, revisions)},
             "max_prob_diff": q(rec["prob_diff"]) | {"max": max(rec["prob_diff"], default=0.0)},
             "reference_step": q(rec["reference_step"]) | {
                 "what": "how far the fresh exact build's own probabilities move from one "
@@ -349,8 +367,11 @@ def render_table(result: dict[str, Any]) -> None:
     dv = result["divergence"]
     console.print(f"bytes held per token (median over docs): engine "
                   f"{bpt['engine']['median']:,.0f}, chunk cache {bpt['chunk_cache']['median']:.1f}")
+    firm = dv["label_agreement_confident"]
     console.print(f"divergence over {dv['revisions']} revisions: label agreement "
-                  f"{dv['label_agreement']:.4f}, max |prob diff| max "
+                  f"{dv['label_agreement']:.4f} ({firm['agreement'] or float('nan'):.4f} on the "
+                  f"{firm['revisions']} with a confident reference; the reference flips its "
+                  f"own label on {dv['reference_label_flips']['rate']:.1%}), max |prob diff| max "
                   f"{dv['max_prob_diff']['max']:.3g}; the reference itself moves by "
                   f"{dv['reference_step']['median']:.3g} (p90 {dv['reference_step']['p90']:.3g})"
                   " per revision"
