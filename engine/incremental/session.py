@@ -72,6 +72,9 @@ class EditReport:
     touched: list[int]  # indices (after the edit) of chunks that were updated or rebuilt
     chunk_updates: list[ChunkUpdate]
     seconds: float
+    # Token ids of the chunks the edit replaced (updated or dropped): what a store of chunk
+    # records may forget (the touched chunks' new records replace them).
+    removed: list[tuple[int, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +99,12 @@ class EditPlan:
     lengths: list[int]  # its new chunk lengths
     slots: list[Any]  # per new chunk: a kept chunk or a PendingChunk
     macs: MacCounter  # what this edit's updates cost
+    old_region: list[Any] = field(default_factory=list)  # the old chunks first..first+replaced
+
+    def removed_contents(self) -> list[tuple[int, ...]]:
+        """Token ids of the old chunks of the region that are not kept as they were."""
+        kept = {id(slot) for slot in self.slots if not isinstance(slot, PendingChunk)}
+        return [tuple(c.token_ids[1:-1].tolist()) for c in self.old_region if id(c) not in kept]
 
 
 def run_pending(plans: Sequence[tuple[DocumentSession, EditPlan]]) -> None:
@@ -142,13 +151,14 @@ def apply_changes_batched(
     run_pending([(session, plan) for session, _, plan in plans if plan is not None])
     results = []
     for session, edit, plan in plans:
+        removed = plan.removed_contents() if plan is not None else []
         touched, updates = session.finish_token_edit(plan) if plan is not None else ([], [])
         macs = plan.macs if plan is not None else MacCounter()
         session.macs.merge(macs)
-        results.append((edit, macs.as_dict(), touched, updates))
+        results.append((edit, macs.as_dict(), touched, updates, removed))
     seconds = time.perf_counter() - started
-    return [EditReport(edit, macs, touched, updates, seconds)
-            for edit, macs, touched, updates in results]
+    return [EditReport(edit, macs, touched, updates, seconds, removed)
+            for edit, macs, touched, updates, removed in results]
 
 
 def apply_ops_batched(edits: Sequence[tuple[DocumentSession, Sequence[Any]]]) -> list[EditReport]:
@@ -361,10 +371,12 @@ class DocumentSession:
         """Memory held by the activations of all chunks (tokens and text not counted)."""
         return sum(c.nbytes() for c in self.chunks)
 
-    def chunk_records(self) -> list[ChunkRecord]:
-        """The durable part of every chunk, in document order (engine.incremental.
-        chunk_record): pass them back as `records=` to bring the session back."""
-        return [self.engine.record(chunk) for chunk in self.chunks]
+    def chunk_records(self, indices: Sequence[int] | None = None) -> list[ChunkRecord]:
+        """The durable part of every chunk (or of the chunks at `indices`, e.g. an edit's
+        `touched`), in document order (engine.incremental.chunk_record): pass them back as
+        `records=` to bring the session back."""
+        chosen = self.chunks if indices is None else [self.chunks[i] for i in indices]
+        return [self.engine.record(chunk) for chunk in chosen]
 
     def chunk_logits(self, index: int) -> torch.Tensor:
         return self.model.head.logits(self.chunks[index].pooled)
@@ -449,7 +461,8 @@ class DocumentSession:
                 continue
             prefix, suffix = common_ends(old_content or [], content)
             slots.append(PendingChunk(old, content, prefix, suffix))
-        return EditPlan(edit, first, replaced, lengths, slots, macs)
+        return EditPlan(edit, first, replaced, lengths, slots, macs,
+                        self.chunks[first : first + replaced])
 
     def finish_token_edit(self, plan: EditPlan) -> tuple[list[int], list[ChunkUpdate]]:
         """Install what the plan's pending chunks became (building those that were not
