@@ -16,6 +16,7 @@ So the answer never depends on the edit history, and a cache can be rebuilt from
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ def apply_changes_batched(
     plans = []
     for session, new_text, change in changes:
         _, edit = apply_text_change(session.tokenizer, session.tokens, new_text, change)
-        plans.append((session, edit, session.plan_token_edit(edit, MacCounter())))
+        plans.append((session, edit, session.plan_token_edit(edit, _fresh_counter(session))))
     run_pending([(session, plan) for session, _, plan in plans if plan is not None])
     results = []
     for session, edit, plan in plans:
@@ -159,6 +160,14 @@ def apply_changes_batched(
     seconds = time.perf_counter() - started
     return [EditReport(edit, macs, touched, updates, seconds, removed)
             for edit, macs, touched, updates, removed in results]
+
+
+def _fresh_counter(session: DocumentSession) -> MacCounter:
+    """An empty counter of the session's own kind (a subclass may watch every matmul, e.g. to
+    abandon work when the worker stops), for one edit's MACs."""
+    counter = copy.copy(session.macs)
+    counter.reset()
+    return counter
 
 
 def apply_ops_batched(edits: Sequence[tuple[DocumentSession, Sequence[Any]]]) -> list[EditReport]:
