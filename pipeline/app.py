@@ -39,6 +39,7 @@ from engine.incremental.text_ops import sha1_hex
 from engine.model.base_model import load_tokenizer
 from pipeline.document_sessions import DocumentClassifier, Inference
 from pipeline.metrics import WorkerMetrics
+from pipeline.peer_classifiers import classifier_type
 from pipeline.records import dead_letter_key, dead_letter_record, to_bytes, update_record
 from pipeline.settings import Settings
 from pipeline.store_check import is_corruption, mark_damaged, move_aside_damaged
@@ -96,9 +97,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     a `classifier` is given) and classifies every applied revision."""
     metrics = metrics or WorkerMetrics()
     if classifier is None and settings.model_enabled:
-        classifier = DocumentClassifier.load(settings.model, settings.session_cache_bytes,
-                                             metrics, threads=settings.torch_threads,
-                                             mode=settings.engine)
+        classifier = classifier_type(settings.classifier).load(
+            settings.model, settings.session_cache_bytes, metrics,
+            threads=settings.torch_threads, mode=settings.engine)
     # One inference thread: sessions and the cache are touched only there, and torch work
     # never blocks the event loop (heartbeats, commits, /metrics go on during a long build).
     inference = ThreadPoolExecutor(

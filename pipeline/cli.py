@@ -39,6 +39,9 @@ def cli() -> None:
 @click.option("--max-held-per-doc", type=int, help="events held per document across a gap")
 @click.option("--model", help="model bundle name or directory, or none for text only "
               "(default polarity-minilm-vq64) [INCSTREAM_MODEL]")
+@click.option("--classifier", type=click.Choice(["incremental", "chunk", "dense"]),
+              help="incremental (default), or a dense peer to measure against: chunk (re-runs "
+                   "changed chunks) or dense (the whole document) [INCSTREAM_CLASSIFIER]")
 @click.option("--session-cache-bytes", type=int,
               help="memory budget of the hot session cache (default 2 GiB)")
 @click.option("--torch-threads", type=int, help="torch CPU threads for inference (default 1)")
@@ -139,7 +142,7 @@ def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, 
 def _register_subcommands() -> None:
     from pipeline.cli_bench import bench
     from pipeline.cli_model import classify_command, eval_command, train_command
-    from pipeline.pipeline_bench import pipeline_bench_command
+    from pipeline.pipeline_modes import pipeline_bench_command
 
     bench.add_command(pipeline_bench_command)
     cli.add_command(bench)

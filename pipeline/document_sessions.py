@@ -189,6 +189,7 @@ class DocumentClassifier:
         session = self.cache.get(doc_id)
         status, reason = "miss", None
         macs = positions = 0
+        touched: list[int] | None = None  # chunks an incremental update touched
         if session is not None and revision.is_snapshot:
             self.cache.discard(doc_id)
             session = None
@@ -203,6 +204,7 @@ class DocumentClassifier:
             else:
                 if session.text == revision.text:
                     status = "hit"
+                    touched = report.touched
                     macs = int(report.macs["total"])
                     positions = sum(sum(u.rows_changed) for u in report.chunk_updates)
                 else:
@@ -233,6 +235,9 @@ class DocumentClassifier:
             m.session_cache_sessions.set(len(self.cache))
             m.inference_macs.labels(path).inc(macs)
             m.dense_equivalent_macs.inc(dense)
+            # The chunk-cache peer re-runs the chunks whose ids changed (all of them on a build).
+            m.chunk_cache_equivalent_macs.inc(dense if touched is None else dense_equivalent_macs(
+                [session.chunk_lengths[i] for i in touched], self.model.cfg))
             m.positions_recomputed.labels(path).inc(positions)
             m.inference_seconds.observe(seconds)
             m.inference_batch_size.observe(1)  # one document per forward: no batching yet

@@ -125,6 +125,12 @@ class WorkerMetrics:
             "revision's whole document",
             registry=r,
         )
+        self.chunk_cache_equivalent_macs = Counter(
+            "incstream_chunk_cache_equivalent_macs_total",
+            "MACs the chunk-cache peer (dense model re-run on the chunks whose token ids "
+            "changed) would have spent on every classified revision",
+            registry=r,
+        )
         self.positions_recomputed = Counter(
             "incstream_positions_recomputed_total",
             "Token positions (rows) recomputed, summed over layers, by path",

@@ -14,10 +14,14 @@ in which a revision of the stream is never answered -- dead-lettered, stuck behi
 dead-lettered revision of its document, or simply not answered before `--timeout` -- has
 failed: it reports which revisions were lost and why, gives no rate, and the command exits 1.
 
+End-to-end latency runs from the moment an event is handed to the producer to the arrival
+of its answer (replayed as a backlog, it is mostly time spent queued behind earlier events).
 Per-revision processing latency comes from the records themselves (cost.latency_s, and
 cost.inference_s for the classifier alone). The worker runs the default model bundle unless
 `--model none` (text only); its MAC and session-cache counters are scraped from /metrics
-before it stops.
+before it stops, and once it has stopped the table's changelog topics are read back for the
+bytes written per edit and the durable state per document (pipeline.changelog_sizes).
+pipeline.pipeline_modes runs this once per classifier (incremental, chunk, dense).
 """
 
 from __future__ import annotations
@@ -34,12 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from pipeline.broker import EmbeddedBroker
+from pipeline.changelog_sizes import read_changelogs
 from pipeline.demo import metric_value
 from pipeline.producer import edit_producer, read_events, replay, send_edit
 from pipeline.settings import Settings
@@ -71,6 +71,7 @@ def _worker_counters(metrics_text: str) -> dict[str, float]:
     spent = {path: value("incstream_inference_macs_total", f'path="{path}"', 0.0)
              for path in ("incremental", "fresh")}
     dense = value("incstream_dense_equivalent_macs_total")
+    chunk_cache = value("incstream_chunk_cache_equivalent_macs_total")
     total = sum(spent.values())
     return {
         "macs_spent": total,
@@ -78,6 +79,10 @@ def _worker_counters(metrics_text: str) -> dict[str, float]:
         "macs_spent_fresh_builds": spent["fresh"],
         "macs_dense_equivalent": dense,
         "macs_dense_over_spent": dense / total if total else None,
+        "macs_chunk_cache_equivalent": chunk_cache,
+        "macs_chunk_cache_over_spent": chunk_cache / total if total else None,
+        "table_writes": value("incstream_state_record_bytes_count"),
+        "table_write_bytes": value("incstream_state_record_bytes_sum"),
         "session_cache_hits": value("incstream_session_cache_hits_total"),
         "session_cache_misses": value("incstream_session_cache_misses_total"),
         "session_rebuilds": sum(value("incstream_session_rebuilds_total", f'reason="{r}"', 0.0)
@@ -111,6 +116,7 @@ class Tally:
     expected: list[Revision]  # in stream order
     snapshots: set[Revision] = field(default_factory=set)  # which of them are snapshots
     first_answer: dict[Revision, float] = field(default_factory=dict)  # arrival time
+    sent: dict[Revision, float] = field(default_factory=dict)  # handed to the producer
     records: dict[Revision, dict[str, Any]] = field(default_factory=dict)  # first update
     duplicate_updates: int = 0
     unexpected_updates: int = 0
@@ -134,6 +140,10 @@ class Tally:
             else:
                 self.first_answer[key] = arrived
                 self.records[key] = record
+
+    def on_sent(self, event: dict[str, Any], at: float) -> None:
+        with self._lock:
+            self.sent.setdefault((event["doc_id"], event["rev"]), at)
 
     def on_dead_letter(self, record: dict[str, Any]) -> None:
         key = _dead_letter_revision(record)
@@ -190,6 +200,8 @@ def summarize(tally: Tally, first_sent: float | None, timeout_s: float,
     records = [tally.records[k] for k in tally.expected if k in tally.records]
     inference_ms = [r["cost"]["inference_s"] * 1000 for r in records
                     if "inference_s" in r.get("cost", {})]
+    end_to_end = [tally.first_answer[k] - tally.sent[k] for k in tally.expected
+                  if k in tally.first_answer and k in tally.sent]
     return {
         "complete": complete,
         "failure": failure,
@@ -209,6 +221,7 @@ def summarize(tally: Tally, first_sent: float | None, timeout_s: float,
         "processing_latency_ms": (_quantiles([r["cost"]["latency_s"] * 1000 for r in records])
                                   if records else None),
         "inference_ms": _quantiles(inference_ms) if inference_ms else None,
+        "end_to_end_latency_s": _quantiles(end_to_end) if end_to_end else None,
         "answers_by_cache": {c: sum(1 for r in records if r.get("cost", {}).get("cache") == c)
                              for c in ("hit", "miss", "rebuild")},
         "models": sorted({r.get("model") or "none" for r in records}),
@@ -229,7 +242,11 @@ def _wait(condition, timeout_s: float, worker: WorkerProcess) -> bool:
 def run_pipeline_bench(
     stream: Path, docs: int | None, limit: int | None, partitions: int, timeout_s: float,
     model: str | None = None, ready_timeout_s: float = 300.0,
+    worker_args: list[str] | None = None, rate: float = 0.0,
+    answers: dict[Revision, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """One worker (`incstream worker` with `worker_args`) on a fresh embedded broker; the first
+    update of every revision goes into `answers` when it is given."""
     events = select_events(read_events(stream), docs=docs, limit=limit)
     tally = Tally([(e["doc_id"], e["rev"]) for e in events],
                   {(e["doc_id"], e["rev"]) for e in events if "snapshot" in e})
@@ -237,6 +254,7 @@ def run_pipeline_bench(
     first_sent = produce_s = ready_s = None
     worker_exit = None
     counters: dict[str, Any] = {}
+    changelogs: dict[str, Any] = {}
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         settings = Settings(broker=broker.url, partitions=partitions)
         ensure_topics(settings)
@@ -251,7 +269,8 @@ def run_pipeline_bench(
                              on_record=on_record).start()
         worker = WorkerProcess(broker.url, workdir / "worker", partitions=partitions,
                                log_path=workdir / "worker.log",
-                               extra_args=["--model", model] if model else []).start()
+                               extra_args=[*(["--model", model] if model else []),
+                                           *(worker_args or [])]).start()
         try:
             started = time.monotonic()
             probe = edit_producer(broker.bootstrap)
@@ -263,7 +282,9 @@ def run_pipeline_bench(
             if _wait(tally.probe_answered.is_set, ready_timeout_s, worker):
                 ready_s = time.monotonic() - started
                 first_sent = time.monotonic()
-                replay(events, broker.bootstrap, settings.edits_topic, total=len(events))
+                replay(events, broker.bootstrap, settings.edits_topic, rate=rate,
+                       total=len(events),
+                       on_send=lambda event: tally.on_sent(event, time.monotonic()))
                 produce_s = time.monotonic() - first_sent
                 _wait(tally.settled, timeout_s, worker)
             if worker.alive():
@@ -276,7 +297,15 @@ def run_pipeline_bench(
         finally:
             reader.stop()
             code, stop_s = worker.stop()
+        try:  # stopped: its producer is flushed, the changelogs are complete
+            changelogs = read_changelogs(broker.bootstrap, settings.app_id,
+                                         frozenset({PROBE_DOC.encode()})).summary(
+                len(events), len({e["doc_id"] for e in events}))
+        except Exception as exc:  # a figure missing, not a failed run
+            changelogs = {"error": f"could not read the changelogs: {exc}"}
     result = summarize(tally, first_sent, timeout_s, worker_exit)
+    if answers is not None:
+        answers.update(tally.records)
     models = result.pop("models")
     if ready_s is None and result["failure"]:
         result["failure"] += (f"; no answer to the probe within {ready_timeout_s:g} s"
@@ -294,6 +323,8 @@ def run_pipeline_bench(
         "produce_s": produce_s,
         "produce_events_per_s": len(events) / produce_s if produce_s else None,
         "worker_counters": counters,
+        "changelog": changelogs,
+        "worker_args": worker_args or [],
         "worker_stop": {"exit_code": code, "seconds": stop_s},
         "workdir": str(workdir),
         "device": f"cpu ({platform.processor() or platform.machine()})",
@@ -304,40 +335,6 @@ def run_pipeline_bench(
     }
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def render_table(result: dict[str, Any]) -> Table:
-    table = Table(title="incstream bench pipeline")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("events (docs)", f"{result['events']} ({result['docs']})")
-    table.add_row("revisions answered / lost",
-                  f"{result['answered']} / {result['lost']}")
-    table.add_row("duplicate updates (not counted)", str(result["duplicate_updates"]))
-    table.add_row("worker ready (start-up, not timed)",
-                  f"{_fmt(result['worker_ready_s'], '.1f')} s")
-    table.add_row("events/s, first sent to last answer", _fmt(result["events_per_s"], ".1f"))
-    table.add_row("wall s, first sent to last answer", _fmt(result["wall_s"], ".1f"))
-    table.add_row("producer events/s", _fmt(result["produce_events_per_s"], ".0f"))
-    lat = result["processing_latency_ms"]
-    if lat:
-        table.add_row(escape("processing ms median [p10, p90]"),
-                      f"{lat['median']:.2f} [{lat['p10']:.2f}, {lat['p90']:.2f}]")
-    if result["inference_ms"]:
-        inf = result["inference_ms"]
-        table.add_row(escape("inference ms median [p10, p90]"),
-                      f"{inf['median']:.2f} [{inf['p10']:.2f}, {inf['p90']:.2f}]")
-        table.add_row("answers hit / miss / rebuild",
-                      " / ".join(str(v) for v in result["answers_by_cache"].values()))
-        dense_over = result["worker_counters"].get("macs_dense_over_spent")
-        if dense_over:
-            table.add_row("MACs dense re-runs / spent", f"{dense_over:.1f}x")
-    table.add_row("model", str(result["model"]))
-    return table
-
-
 def failure_lines(result: dict[str, Any]) -> Iterable[str]:
     yield f"bench pipeline FAILED: {result['failure']}"
     for lost in result["lost_revisions"]:
@@ -345,33 +342,3 @@ def failure_lines(result: dict[str, Any]) -> Iterable[str]:
     if result["lost"] > len(result["lost_revisions"]):
         yield f"  ... and {result['lost'] - len(result['lost_revisions'])} more"
     yield f"  logs: {result['workdir']}"
-
-
-@click.command("pipeline")
-@click.option("--stream", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="doc-edit/v1 stream (.jsonl or .jsonl.gz)")
-@click.option("--docs", type=int, default=None, help="only the first N documents")
-@click.option("--limit", type=int, default=None, help="only the first N events")
-@click.option("--partitions", type=int, default=4, show_default=True)
-@click.option("--timeout", type=float, default=900.0, show_default=True,
-              help="seconds to wait for the answers after the stream is sent")
-@click.option("--model", default=None,
-              help="model bundle name or directory, or none for text only "
-                   "[default: INCSTREAM_MODEL, else polarity-minilm-vq64]")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="also write the result JSON here (failed runs too)")
-def pipeline_bench_command(stream: Path, docs: int | None, limit: int | None, partitions: int,
-                           timeout: float, model: str | None, json_out: Path | None) -> None:
-    """Events/s of one worker answering a replayed stream through the embedded broker; exits 1
-    if any revision was lost (dead-lettered or not answered in time)."""
-    result = run_pipeline_bench(stream, docs, limit, partitions, timeout, model=model)
-    Console(stderr=True).print(render_table(result))
-    text = json.dumps(result, indent=2)
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
-    click.echo(text)
-    if not result["complete"]:
-        for line in failure_lines(result):
-            click.echo(line, err=True)
-        raise SystemExit(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,10 @@ def replay(
     rate: float = 0.0,
     progress: bool = True,
     total: int | None = None,
+    on_send: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
-    """Send `events` in order, at most `rate` per second; returns how many were sent."""
+    """Send `events` in order, at most `rate` per second; returns how many were sent.
+    `on_send(event)` is called just before each is handed to the producer."""
     from tqdm import tqdm
 
     producer = edit_producer(bootstrap)
@@ -102,6 +104,8 @@ def replay(
     try:
         for event in tqdm(events, total=total, unit="ev", disable=not progress, desc="produce"):
             limiter.wait()
+            if on_send is not None:
+                on_send(event)
             send_edit(producer, topic, event)
             sent += 1
         producer.flush()

@@ -6,6 +6,7 @@ CLI options override the environment, which overrides these defaults.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,6 +48,9 @@ class Settings(BaseSettings):
     # The classifier: a model bundle name (engine/bundles/) or directory; "none" runs text
     # only (label and scores null). The default is engine.model.model_bundle.DEFAULT_MODEL.
     model: str = "polarity-minilm-vq64"
+    # Who answers: "incremental" (the engine's sessions) or, to measure against, a peer that
+    # runs the dense model: "chunk" (re-runs changed chunks) or "dense" (the whole document).
+    classifier: Literal["incremental", "chunk", "dense"] = "incremental"
     # Memory budget of the hot cache of per-document sessions (activations, ~115 KB a token;
     # least recently used documents are evicted and rebuilt from their text when next edited).
     session_cache_bytes: int = 2 * 1024**3
