@@ -136,6 +136,7 @@ def run_pending(plans: Sequence[tuple[DocumentSession, EditPlan]]) -> None:
         slot.result = splice.result()
 
 
+@torch.inference_mode()  # no autograd bookkeeping on the hot path (~8% of an edit's time)
 def apply_changes_batched(
         changes: Sequence[tuple[DocumentSession, str, TextChange]]) -> list[EditReport]:
     """Apply one text change to each of several documents' sessions in one batched step
@@ -331,6 +332,7 @@ def chunk_mode(model: VQModel, mode: str | FastModeConfig | None) -> ExactChunks
 class DocumentSession:
     """Incremental VQ inference state of one document."""
 
+    @torch.inference_mode()
     def __init__(self, model: VQModel, tokenizer: Any, text: str = "",
                  policy: ChunkPolicy | None = None, macs: MacCounter | None = None,
                  mode: str | FastModeConfig | None = None,
@@ -421,6 +423,7 @@ class DocumentSession:
         ids = torch.tensor([self.cls_id, *content, self.sep_id], dtype=torch.long)
         return self.engine.build(ids, macs)
 
+    @torch.inference_mode()
     def apply_token_edit(self, edit: TokenEdit) -> tuple[list[int], list[ChunkUpdate]]:
         """Re-cut the edited tokens around the edit and bring each chunk there up to date
         (plan_token_edit, run_pending, finish_token_edit; the session's token list must already
