@@ -91,6 +91,20 @@ def _as_text(raw: bytes) -> str | None:
         return None
 
 
+def write_records(table: Any, writes: dict[bytes, bytes | None]) -> int:
+    """Apply an answer's chunk record writes (None = delete) to the activations table;
+    returns the bytes written."""
+    written = 0
+    for key, value in writes.items():
+        if value is None:
+            if key in table:
+                del table[key]
+        else:
+            table[key] = value
+            written += len(key) + len(value)
+    return written
+
+
 def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
               classifier: DocumentClassifier | None = None) -> faust.App:
     """The worker's Faust app. With `settings.model_enabled` it loads the model bundle (unless
@@ -140,6 +154,17 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         value_type=bytes,
         partitions=settings.partitions,
     )
+    # Fast mode: per-chunk activation records (state.chunk_record_store), keyed by document
+    # and chunk content, written in the document's partition next to its state.
+    activations = app.Table(
+        settings.activations_table,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,
+    )
+    keeps_records = classifier is not None and hasattr(classifier, "keep_records") \
+        and classifier.keep_records(activations)
     if settings.verify_store_at_start:
         # Before Faust opens a store (it does on partition assignment); logged there.
         for _ in move_aside_damaged(Path(app.conf.tabledir), settings.table_name):
@@ -365,7 +390,13 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                                  "before the table write", *crash_after_publish)
                     os.kill(os.getpid(), signal.SIGKILL)
 
-                # 5. Remember.
+                # 5. Remember: the chunk records first, then the state that points past them
+                #    (a crash between the two only costs a fresh build of the touched chunk).
+                if keeps_records:
+                    for answer in answers:
+                        if answer is not None and answer.record_writes:
+                            metrics.chunk_record_bytes.inc(
+                                write_records(activations, answer.record_writes))
                 if encoded is not None:
                     write_state(key, encoded, message.message.partition)
                     held_before = len(state.held) if state else 0

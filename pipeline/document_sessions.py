@@ -100,6 +100,9 @@ class Inference:
     macs: int  # MACs spent (incremental update, or the fresh build)
     macs_dense_equivalent: int  # the dense original model re-run on the whole document
     seconds: float
+    # Fast mode: chunk records to write (bytes) or delete (None) in the activations table,
+    # keyed by state.chunk_record_store.record_key; None when the worker keeps no records.
+    record_writes: dict[bytes, bytes | None] | None = None
 
 
 def dense_equivalent_macs(chunk_lengths: Sequence[int], cfg: Any) -> int:
@@ -141,6 +144,7 @@ class DocumentClassifier:
                                                                                256))
         self.cache = SessionCache(cache_bytes)
         self.metrics = metrics
+        self.records: Any = None  # a state.chunk_record_store.ChunkRecordStore (fast mode)
         if metrics is not None:
             metrics.session_cache_budget_bytes.set(cache_bytes)
             metrics.model_info.labels(self.name).set(1)
@@ -176,11 +180,58 @@ class DocumentClassifier:
                 previous_text = revision.text
         return out
 
+    def keep_records(self, table: Any) -> bool:
+        """Keep fast-mode sessions' chunk records in `table` (the worker's activations table),
+        so a session evicted, or lost with a restart or a rebalance, comes back with its codes
+        instead of a fresh build (which would answer differently: a fast session's state
+        depends on its edit history). Exact mode needs none: a fresh build is the same session.
+        Returns whether records are kept."""
+        from engine.incremental.fast_mode import FastModeConfig
+        from state.activation_record import mode_tag
+        from state.chunk_record_store import ChunkRecordStore
+
+        if not isinstance(self.mode, FastModeConfig):
+            return False
+        self.records = ChunkRecordStore(table, self.name, mode_tag("fast", self.mode.matmul))
+        return True
+
     def fresh(self, text: str) -> Any:
         """A session built from scratch on `text` (what a cache miss does)."""
         from engine.incremental.session import DocumentSession
 
         return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode)
+
+    def _restored(self, doc_id: str, text: str) -> Any | None:
+        """The session of `text` as its chunk records left it (chunks without a record are
+        built), or None when the document has no record."""
+        from engine.incremental.session import DocumentSession
+
+        found = self.records.load(doc_id, self._chunk_contents(text))
+        if not found:
+            return None
+        return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode,
+                               records=found)
+
+    def _record_writes(self, doc_id: str, session: Any, report: Any | None,
+                       previous_text: str | None) -> dict[bytes, bytes | None] | None:
+        """Records to write after a revision: the touched chunks' after an update; after a
+        fresh build every chunk's, and deletes for the previous text's other chunks."""
+        if self.records is None:
+            return None
+        if report is not None:
+            return self.records.changes(doc_id, session.chunk_records(report.touched),
+                                        report.removed)
+        removed = self._chunk_contents(previous_text) if previous_text else []
+        return self.records.changes(doc_id, session.chunk_records(), removed)
+
+    def _chunk_contents(self, text: str) -> list[tuple[int, ...]]:
+        from engine.incremental.chunks import chunk_lengths, offsets, word_continuation_mask
+        from engine.incremental.edit_tokenizer import tokenize
+
+        ids = tokenize(self.tokenizer, text).ids
+        lengths = chunk_lengths(ids, self.policy, word_continuation_mask(self.tokenizer))
+        return [tuple(ids[start : start + n]) for start, n in zip(offsets(lengths), lengths,
+                                                                  strict=True)]
 
     def _classify_one(self, doc_id: str, previous_text: str | None,
                       revision: AppliedRevision) -> Inference:
@@ -189,6 +240,13 @@ class DocumentClassifier:
         session = self.cache.get(doc_id)
         status, reason = "miss", None
         macs = positions = 0
+        report = None
+        if (session is None and self.records is not None and previous_text is not None
+                and not revision.is_snapshot):
+            # Not in memory (a restart, a rebalance, an eviction): the chunk records bring
+            # the session of the previous text back, and the edit is applied to it as the
+            # uninterrupted worker would have.
+            session = self._restored(doc_id, previous_text)
         touched: list[int] | None = None  # chunks an incremental update touched
         if session is not None and revision.is_snapshot:
             self.cache.discard(doc_id)
@@ -212,6 +270,7 @@ class DocumentClassifier:
                               "rebuilding", doc_id, revision.rev)
                     status, reason = "rebuild", "text_mismatch"
         if status != "hit":
+            report = None
             self.cache.discard(doc_id)  # free its memory before building the new one
             session = self.fresh(revision.text)
             macs = int(session.macs.total)
@@ -241,6 +300,8 @@ class DocumentClassifier:
             m.positions_recomputed.labels(path).inc(positions)
             m.inference_seconds.observe(seconds)
             m.inference_batch_size.observe(1)  # one document per forward: no batching yet
+        writes = self._record_writes(doc_id, session, report, previous_text)
         return Inference(label=label, scores=scores, cache=status,
                          tokens=len(session.tokens.ids), positions_recomputed=positions,
-                         macs=macs, macs_dense_equivalent=dense, seconds=seconds)
+                         macs=macs, macs_dense_equivalent=dense, seconds=seconds,
+                         record_writes=writes)

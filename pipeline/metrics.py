@@ -41,6 +41,12 @@ class WorkerMetrics:
             "as duplicates",
             registry=r,
         )
+        self.chunk_record_bytes = Counter(
+            "incstream_chunk_record_bytes_total",
+            "Bytes of fast-mode chunk records written to the activations table (and its "
+            "changelog)",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "incstream_dead_letters_total",
             "Records sent to the dead-letter topic, by reason",

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     classes_topic: str = "doc-classes"
     dlq_topic: str = "doc-edits-dlq"
     table_name: str = "documents"
+    # Fast mode's per-chunk activation records (codes and position ids; exact mode keeps none).
+    activations_table: str = "activations"
     # Partitions of the input topic; the table's changelog gets as many (Faust insists).
     partitions: int = 4
     replication_factor: int = 1  # raise it on a real cluster

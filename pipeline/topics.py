@@ -16,8 +16,9 @@ from kafka.errors import TopicAlreadyExistsError
 from pipeline.settings import Settings
 
 
-def changelog_topic(settings: Settings) -> str:
-    return f"{settings.app_id}-{settings.table_name}-changelog"
+def changelog_topic(settings: Settings, table: str | None = None) -> str:
+    """The changelog topic of the documents table (or of another table of the worker)."""
+    return f"{settings.app_id}-{table or settings.table_name}-changelog"
 
 
 def ensure_topics(settings: Settings) -> None:
@@ -27,6 +28,7 @@ def ensure_topics(settings: Settings) -> None:
         wanted = {
             settings.edits_topic: settings.partitions,
             changelog_topic(settings): settings.partitions,
+            changelog_topic(settings, settings.activations_table): settings.partitions,
             settings.classes_topic: settings.partitions,
             settings.dlq_topic: 1,
         }
@@ -36,7 +38,7 @@ def ensure_topics(settings: Settings) -> None:
                 name,
                 partitions,
                 replication_factor=settings.replication_factor,
-                topic_configs=compacted if name == changelog_topic(settings) else {},
+                topic_configs=compacted if name.endswith("-changelog") else {},
             )
             for name, partitions in wanted.items()
             if name not in existing
