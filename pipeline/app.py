@@ -12,12 +12,14 @@ The story of one event, as the agent tells it:
 Offsets commit after the producer is flushed (Faust does this): delivery is at-least-once,
 and replays are recognised as duplicates by (doc_id, rev).
 
-Two fault-injection hooks exist for the integration tests only (never set them in production),
+Three fault-injection hooks exist for the integration tests only (never set them in production),
 each "<doc_id>:<rev>":
   INCSTREAM_TEST_CRASH_AFTER_PUBLISH  the process SIGKILLs itself right after that revision's
                                       update was acknowledged by Kafka, before the table write;
   INCSTREAM_TEST_FAIL_BEFORE_PUBLISH  handling that event raises once, after classification and
-                                      before anything is published (-> internal_error).
+                                      before anything is published (-> internal_error);
+  INCSTREAM_TEST_STALL_AT             the agent never finishes that event (a stuck agent: the
+                                      event loop, /metrics and the consumer go on).
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.incremental.edit_tokenizer import token_count_delta
 from engine.incremental.text_ops import sha1_hex
 from engine.model.base_model import load_tokenizer
+from pipeline.consumer_lag import ConsumerLagProbe
 from pipeline.document_sessions import DocumentClassifier, Inference
-from pipeline.metrics import WorkerMetrics
+from pipeline.metrics import NEAR_BUDGET, WorkerMetrics
 from pipeline.peer_classifiers import classifier_type
 from pipeline.records import dead_letter_key, dead_letter_record, to_bytes, update_record
 from pipeline.settings import Settings
+from pipeline.state_totals import StateTotals
 from pipeline.store_check import is_corruption, mark_damaged, move_aside_damaged
+from pipeline.web_surface import BUILTIN_ROUTES_OFF, WEB_DRIVER_URL, AgentProgress, add_routes
 from state.document import (
     DocumentState,
     StateCodecError,
@@ -128,6 +132,8 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
+        web=WEB_DRIVER_URL,  # /metrics, /live, /ready only (pipeline.web_surface)
+        **BUILTIN_ROUTES_OFF,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         broker_commit_interval=settings.commit_interval_s,
@@ -172,6 +178,10 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     tokenizer = load_tokenizer()
     crash_after_publish = _fault_point("INCSTREAM_TEST_CRASH_AFTER_PUBLISH")
     fail_before_publish = _fault_point("INCSTREAM_TEST_FAIL_BEFORE_PUBLISH")
+    stall_at = _fault_point("INCSTREAM_TEST_STALL_AT")
+    totals = StateTotals(metrics)
+    progress = AgentProgress(settings.liveness_stall_s)
+    metrics.state_record_budget_bytes.set(settings.max_state_bytes)
     faults_fired: set[str] = set()
 
     def token_counts(state: DocumentState | None, applied: list[AppliedRevision]) -> list[int]:
@@ -265,14 +275,19 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                         message.message.partition)
             raise StateUnreadable from None
 
-    def write_state(key: bytes, encoded: bytes, partition: int) -> None:
+    def write_state(key: bytes, encoded: bytes, partition: int, held: int = 0) -> None:
+        """Store a document's state (`held`: the events it holds) and count it."""
         try:
+            previous: bytes | None = documents.get(key)
             documents[key] = encoded
         except Exception as exc:
             if is_corruption(exc):
                 store_damaged(exc, partition)
             raise
+        totals.written(key, previous, encoded, held)
         metrics.state_record_bytes.observe(len(encoded))
+        if len(encoded) > NEAR_BUDGET * settings.max_state_bytes:
+            metrics.state_records_near_budget.inc()
 
     # The highest offset this process has handled, per partition. Around a restart's seek
     # Faust can hand an event over twice; a second sight is counted apart, so the metrics say
@@ -283,6 +298,7 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     async def apply_edits(stream: faust.StreamT) -> None:
         async for message in stream.events():
             started = time.perf_counter()
+            progress.took_event()
             key: bytes | None = message.key
             tp, offset = message.message.tp, message.message.offset
             if offset <= handled_up_to.get(tp, -1):
@@ -301,6 +317,9 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                     await publish_dead_letter(key, exc.reason, str(exc), message.value)
                     metrics.events.labels("dlq").inc()
                     continue
+                if stall_at == (edit.doc_id, edit.rev):
+                    log.critical("test fault injection: the agent stalls on %s rev %s", *stall_at)
+                    await asyncio.Event().wait()  # never set
 
                 # 2. Look the document up.
                 try:
@@ -398,9 +417,8 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                             metrics.chunk_record_bytes.inc(
                                 write_records(activations, answer.record_writes))
                 if encoded is not None:
-                    write_state(key, encoded, message.message.partition)
-                    held_before = len(state.held) if state else 0
-                    metrics.held_events.inc(len(decision.state.held) - held_before)
+                    write_state(key, encoded, message.message.partition,
+                                held=len(decision.state.held))
                 metrics.events.labels(decision.outcome).inc()
             except Exception:  # never let one event kill the agent (Faust restarts it forever)
                 log.exception("unexpected error on %r; sent to the dead-letter topic",
@@ -411,54 +429,42 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                 metrics.events.labels("dlq").inc()
             finally:
                 metrics.processing_seconds.observe(time.perf_counter() - started)
+                progress.finished_event()
+
+    @app.on_rebalance_complete.connect
+    async def count_recovered_table(sender: Any, **kwargs: Any) -> None:
+        """Tables are recovered, streams not resumed yet: count what this worker now holds."""
+        totals.recount(documents.items())
+        progress.became_ready()
+
+    lag_probe = ConsumerLagProbe(settings.bootstrap, settings.app_id)
+    lag_partitions: set[int] = set()
 
     @app.timer(interval=5.0)
-    async def sample_lag_and_state() -> None:
-        """Consumer lag per partition, and the size of the state this worker holds.
+    async def sample_consumer_lag() -> None:
+        """Lag per assigned partition of the edits topic, as the broker sees it
+        (pipeline.consumer_lag); partitions this worker no longer holds lose their series."""
+        assigned = {tp.partition for tp in app.consumer.assignment()
+                    if tp.topic == settings.edits_topic}
+        try:
+            lag = await asyncio.to_thread(
+                lag_probe.measure, [(settings.edits_topic, p) for p in sorted(assigned)])
+        except Exception as exc:
+            log.warning("could not measure the consumer lag: %s", exc)
+            return
+        for partition in lag_partitions - assigned:
+            metrics.consumer_lag.remove(str(partition))
+        for (_, partition), behind in lag.items():
+            metrics.consumer_lag.labels(str(partition)).set(behind)
+        lag_partitions.clear()
+        lag_partitions.update(assigned)
+        progress.events_waiting = any(lag.values())
 
-        Lag = the partition's high-water mark minus the group's committed offset (what Burrow
-        and kafka-exporter report): events read but not yet committed still count, so a
-        worker busy with (or stuck on) an event shows lag. Nothing committed yet counts from
-        offset 0."""
-        consumer = app.consumer
-        for tp in consumer.assignment():
-            if tp.topic != settings.edits_topic:
-                continue
-            try:
-                highwater = consumer.highwater(tp)
-            except Exception:
-                continue
-            if highwater is None:
-                continue
-            # The next offset the group would read: what Faust last committed, or what it
-            # found committed when the partition was assigned (None: nothing, or 0).
-            committed = consumer._committed_offset.get(tp) or 0
-            metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - committed))
-        total_bytes = count = 0
-        for value in documents.values():
-            if value is not None:
-                total_bytes += len(value)
-                count += 1
-        metrics.state_bytes.set(total_bytes)
-        metrics.documents.set(count)
+    @app.on_before_shutdown.connect
+    async def close_lag_probe(sender: Any, **kwargs: Any) -> None:
+        await asyncio.to_thread(lag_probe.close)
 
-    @app.page("/ready")
-    async def ready_page(web: Any, request: Any) -> Any:
-        """200 once the worker has its partitions and has restored its table (it consumes
-        from here on); 503 before that and during a rebalance. Tests send nothing before this:
-        events produced while a fresh group's worker restored a non-empty changelog were
-        skipped in about half the runs here (faust-streaming 0.15.3 drops what it fetches
-        while tables recover and counts on a seek to the committed offset to read it again;
-        with nothing committed there was none). Not fixed in the worker yet."""
-        ready = app.tables.recovery.completed.is_set() and not app.rebalancing
-        return web.text("ready\n" if ready else "not ready\n", status=200 if ready else 503)
-
-    @app.page("/metrics")
-    async def metrics_page(web: Any, request: Any) -> Any:
-        # aiohttp wants the charset outside content_type; the exposition format is UTF-8 text.
-        content_type = CONTENT_TYPE_LATEST.split("; charset")[0]
-        return web.bytes(generate_latest(metrics.registry), content_type=content_type)
-
+    add_routes(app, metrics, progress)
     app.incstream_metrics = metrics  # type: ignore[attr-defined]
     app.incstream_classifier = classifier  # type: ignore[attr-defined]
     return app

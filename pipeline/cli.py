@@ -31,7 +31,9 @@ def cli() -> None:
 @click.option("--broker", help="Kafka bootstrap, e.g. kafka://127.0.0.1:9092 [INCSTREAM_BROKER]")
 @click.option("--partitions", type=int, help="partitions of the edits topic (default 4)")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="local RocksDB directory")
-@click.option("--web-port", type=int, help="HTTP port for /metrics (default 6066)")
+@click.option("--web-host", help="address the web port binds (default 127.0.0.1; 0.0.0.0 in a "
+              "container) [INCSTREAM_WEB_HOST]")
+@click.option("--web-port", type=int, help="HTTP port for /metrics, /live, /ready (default 6066)")
 @click.option("--app-id", help="Faust app id = consumer group (default incstream)")
 @click.option("--edits-topic", help="input topic (default doc-edits)")
 @click.option("--classes-topic", help="output topic (default doc-classes)")

@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     # Local RocksDB lives here; two workers on one machine need two directories.
     data_dir: Path = Path(".incstream/worker")
     web_host: str = "127.0.0.1"
-    web_port: int = 6066  # /metrics is served here too
+    web_port: int = 6066  # /metrics, /live and /ready: nothing else
+    # /live turns 503 when the agent holds one event longer than this, or takes none for
+    # this long while events wait (a stuck agent; the supervisor restarts the worker).
+    liveness_stall_s: float = 180.0
     # Events held per document while waiting for a missing revision.
     max_held_per_doc: int = 256
     # A document's encoded state must fit in one changelog record (Kafka's default is 1 MB).

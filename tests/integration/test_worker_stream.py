@@ -28,6 +28,7 @@ from prom import metric, metric_by, samples, wait_metric
 from engine.incremental.text_ops import apply_ops, sha1_hex
 from engine.model.base_model import load_tokenizer
 from pipeline.producer import read_events, replay
+from pipeline.records import DEAD_LETTER_REASONS
 from pipeline.stream_files import select_events
 from pipeline.topic_reader import TopicReader
 from pipeline.topics import changelog_topic
@@ -357,7 +358,9 @@ def test_bad_input_goes_to_the_dlq_as_it_arrived_and_documents_stay_correct(
 
     page = running_worker.scrape()
     reasons = Counter(reason for reason, _ in bad_input.dead_letters.elements())
-    assert metric_by(page, "incstream_dead_letters_total", "reason") == reasons
+    by_reason = metric_by(page, "incstream_dead_letters_total", "reason")
+    assert set(by_reason) == set(DEAD_LETTER_REASONS)  # each exported from the start
+    assert {reason: n for reason, n in by_reason.items() if n} == reasons
     assert metric(page, "incstream_events_total", outcome="dlq") == bad_input.dlq_outcomes
     assert metric(page, "incstream_events_total", outcome="duplicate") == 2
     assert metric(page, "incstream_events_total", outcome="gap") == 2
