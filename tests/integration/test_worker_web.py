@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -145,6 +146,7 @@ def test_ready_waits_for_recovery_and_the_recovered_state_is_counted(
                 break
             answers.append(status)
             assert worker.alive()
+            time.sleep(0.05)
         assert answers and set(answers) == {503}, answers
         assert get(worker.web_port, "/live")[0] == 200
         assert metric(page, "incstream_documents") == len(DOCS) + 1
