@@ -26,12 +26,17 @@ def test_help_lists_the_subcommands():
 
 
 def test_demo_runs_end_to_end_and_verifies_itself():
-    result = incstream("demo", "--quiet")
+    result = incstream("demo")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "demo OK" in result.stderr
     assert "144 (144 distinct revisions)" in result.stderr
     assert "polarity-minilm-vq64" in result.stderr
     assert result.stderr.count("final label peps/") == 4  # one line per document
+    # The compute saved against both peers: live (from the first answer on) and in the end.
+    assert "compute so far: " in result.stderr and "chunk cache " in result.stderr
+    for peer in ("chunk-cache peer", "full dense re-run"):
+        line = next(x for x in result.stderr.splitlines() if f"MACs the {peer} would" in x)
+        assert float(line.split("(")[1].split("x the engine")[0]) > 1, line
 
 
 def test_demo_text_only_with_model_none():
