@@ -204,13 +204,13 @@ def render_table(result: dict[str, Any]) -> Table:
 @click.command("pipeline")
 @click.option("--stream", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="doc-edit/v1 stream (.jsonl or .jsonl.gz)")
-@click.option("--modes", default=",".join(MODES), show_default=True,
+@click.option("--modes", "--mode", "modes", default=",".join(MODES), show_default=True,
               help="comma-separated: incremental, chunk, dense (the worker's classifier), "
                    "text (no model); each runs on a fresh broker and worker")
 @click.option("--docs", type=int, default=None, help="only the first N documents")
 @click.option("--limit", type=int, default=None, help="only the first N events")
 @click.option("--partitions", type=int, default=4, show_default=True)
-@click.option("--timeout", type=float, default=900.0, show_default=True,
+@click.option("--timeout", type=float, default=3600.0, show_default=True,
               help="seconds to wait for a mode's answers after its stream is sent")
 @click.option("--model", default=None,
               help="model bundle name or directory [default: INCSTREAM_MODEL, else "
