@@ -431,27 +431,29 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                 metrics.processing_seconds.observe(time.perf_counter() - started)
                 progress.finished_event()
 
-    @app.on_rebalance_complete.connect
-    async def count_recovered_table(sender: Any, **kwargs: Any) -> None:
-        """Tables are recovered, streams not resumed yet: count what this worker now holds."""
-        totals.recount(documents.items())
-        progress.became_ready()
-
     lag_probe = ConsumerLagProbe(settings.bootstrap, settings.app_id)
     lag_partitions: set[int] = set()
+    lag_failures = 0  # in a row, since the last measurement that worked
+    lag_sampling: set[asyncio.Future] = set()  # measurements started at a rebalance
 
-    @app.timer(interval=5.0)
     async def sample_consumer_lag() -> None:
         """Lag per assigned partition of the edits topic, as the broker sees it
         (pipeline.consumer_lag); partitions this worker no longer holds lose their series."""
+        nonlocal lag_failures
         assigned = {tp.partition for tp in app.consumer.assignment()
                     if tp.topic == settings.edits_topic}
         try:
             lag = await asyncio.to_thread(
                 lag_probe.measure, [(settings.edits_topic, p) for p in sorted(assigned)])
         except Exception as exc:
-            log.warning("could not measure the consumer lag: %s", exc)
+            # Once per outage, not every 5 s: the series keep their last values meanwhile.
+            (log.debug if lag_failures else log.warning)(
+                "could not measure the consumer lag: %s", exc)
+            lag_failures += 1
             return
+        if lag_failures:
+            log.info("consumer lag measured again after %d failed tries", lag_failures)
+            lag_failures = 0
         for partition in lag_partitions - assigned:
             metrics.consumer_lag.remove(str(partition))
         for (_, partition), behind in lag.items():
@@ -459,6 +461,17 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         lag_partitions.clear()
         lag_partitions.update(assigned)
         progress.events_waiting = any(lag.values())
+
+    app.timer(interval=5.0)(sample_consumer_lag)  # (the decorator returns the timer's loop)
+
+    @app.on_rebalance_complete.connect
+    async def count_recovered_table(sender: Any, **kwargs: Any) -> None:
+        """Tables are recovered, streams not resumed yet: count what this worker now holds."""
+        totals.recount(documents.items())
+        progress.became_ready()
+        # The lag of the partitions it now holds, without waiting for the timer's next tick.
+        lag_sampling.add(asyncio.ensure_future(sample_consumer_lag()))
+        lag_sampling.difference_update([t for t in lag_sampling if t.done()])
 
     @app.on_before_shutdown.connect
     async def close_lag_probe(sender: Any, **kwargs: Any) -> None:
