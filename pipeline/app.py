@@ -38,8 +38,15 @@ import faust
 from engine.incremental.edit_tokenizer import token_count_delta
 from engine.incremental.text_ops import sha1_hex
 from engine.model.base_model import load_tokenizer
+from pipeline.broker_watch import EXIT_BROKER_LOST, BrokerWatch, probe_broker
 from pipeline.consumer_lag import ConsumerLagProbe
-from pipeline.document_sessions import DocumentClassifier, Inference
+from pipeline.document_sessions import (
+    BuildCancelled,
+    DocumentClassifier,
+    DocumentTooLarge,
+    Inference,
+)
+from pipeline.memory_budget import release_freed_memory
 from pipeline.metrics import NEAR_BUDGET, WorkerMetrics
 from pipeline.peer_classifiers import classifier_type
 from pipeline.records import dead_letter_key, dead_letter_record, to_bytes, update_record
@@ -115,9 +122,14 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     a `classifier` is given) and classifies every applied revision."""
     metrics = metrics or WorkerMetrics()
     if classifier is None and settings.model_enabled:
-        classifier = classifier_type(settings.classifier).load(
-            settings.model, settings.session_cache_bytes, metrics,
-            threads=settings.torch_threads, mode=settings.engine)
+        kind = classifier_type(settings.classifier)
+        options: dict[str, Any] = {"threads": settings.torch_threads, "mode": settings.engine}
+        if kind is DocumentClassifier:  # the dense peers hold a few bytes a chunk
+            options.update(max_document_tokens=settings.max_document_tokens,
+                           memory_budget=settings.memory_budget_bytes,
+                           memory_reserve=settings.memory_reserve_bytes)
+        classifier = kind.load(settings.model, settings.session_cache_bytes, metrics,
+                               **options)
     # One inference thread: sessions and the cache are touched only there, and torch work
     # never blocks the event loop (heartbeats, commits, /metrics go on during a long build).
     inference = ThreadPoolExecutor(
@@ -140,6 +152,10 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         consumer_auto_offset_reset="earliest",
+        # On stop, do not wait for the event in progress (a long build would outlast the
+        # 30 s grace period): it is not acknowledged, so it is handled again after the
+        # restart (at-least-once; its update may then be published twice, same content).
+        stream_wait_empty=False,
         producer_acks=-1,
         autodiscover=False,
     )
@@ -296,9 +312,13 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
 
     @app.agent(edits)
     async def apply_edits(stream: faust.StreamT) -> None:
-        async for message in stream.events():
+        # Events are acknowledged by hand once handled, never when the worker stops part way
+        # through one: Faust acknowledges an event whose handling was cancelled, which would
+        # commit its offset and lose it instead of handling it again after the restart.
+        async for message in stream.noack().events():
             started = time.perf_counter()
             progress.took_event()
+            abandoned = False
             key: bytes | None = message.key
             tp, offset = message.message.tp, message.message.offset
             if offset <= handled_up_to.get(tp, -1):
@@ -343,13 +363,18 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                     continue
 
                 # 3b. Classify the applied revisions, off the event loop.
-                answers: list[Inference | None] = [None] * len(decision.applied)
+                answers: list[Inference | DocumentTooLarge | None] = [None] * len(
+                    decision.applied)
                 label_changes = [False] * len(decision.applied)
                 if classifier is not None and decision.applied:
-                    answers = await asyncio.get_running_loop().run_in_executor(
-                        inference, classifier.classify, edit.doc_id,
-                        state.text if state is not None else None, decision.applied,
-                    )
+                    try:
+                        answers = await asyncio.get_running_loop().run_in_executor(
+                            inference, classifier.classify, edit.doc_id,
+                            state.text if state is not None else None, decision.applied,
+                        )
+                    except BuildCancelled:  # logged there
+                        abandoned = True
+                        return  # the worker is stopping
                     lengths_in_tokens = [answer.tokens for answer in answers]
                     # The previous label counts only if the same model gave it: a state
                     # written by another model (a model change, a shared changelog) gets
@@ -360,7 +385,8 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                         log.info("state of %r holds model %r's label; %s replaces it",
                                  edit.doc_id, state.model_id, classifier.name)
                     for i, answer in enumerate(answers):
-                        label_changes[i] = previous is not None and answer.label != previous
+                        label_changes[i] = (previous is not None and answer.label is not None
+                                            and answer.label != previous)
                         previous = answer.label
                     decision.state = decision.state.evolve(
                         tokens=lengths_in_tokens[-1], label=answers[-1].label,
@@ -385,7 +411,7 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                         length_tokens=length_tokens,
                         sha1=sha1_hex(revision.text),
                         latency_s=time.perf_counter() - started,
-                        inference=answer,
+                        inference=answer if isinstance(answer, Inference) else None,
                         model=classifier.name if classifier is not None else None,
                         label_changed=changed,
                     )
@@ -397,6 +423,10 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                         metrics.end_to_end_seconds.observe(
                             max(0.0, time.time() - message.message.timestamp)
                         )
+                for revision, answer in zip(decision.applied, answers, strict=True):
+                    if isinstance(answer, DocumentTooLarge):  # applied, not classified
+                        await publish_dead_letter(key, "document_too_large",
+                                                  answer.message(revision.rev), message.value)
                 for rejection in decision.rejected:
                     await publish_dead_letter(
                         key, rejection.reason, rejection.message,
@@ -427,9 +457,14 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                     key, "internal_error", "unexpected worker error", message.value
                 )
                 metrics.events.labels("dlq").inc()
+            except BaseException:  # cancelled: the worker is stopping
+                abandoned = True
+                raise
             finally:
                 metrics.processing_seconds.observe(time.perf_counter() - started)
                 progress.finished_event()
+                if not abandoned:  # an abandoned event is handled again after the restart
+                    await stream.ack(message)
 
     lag_probe = ConsumerLagProbe(settings.bootstrap, settings.app_id)
     lag_partitions: set[int] = set()
@@ -477,7 +512,39 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     async def close_lag_probe(sender: Any, **kwargs: Any) -> None:
         await asyncio.to_thread(lag_probe.close)
 
-    add_routes(app, metrics, progress)
+    broker_watch = BrokerWatch(settings.broker_lost_exit_s)
+    # Faust names a table's changelog <app id>-<table>-changelog; only the worker creates it.
+    watched_topics = {settings.edits_topic: settings.partitions,
+                      f"{settings.app_id}-{settings.table_name}-changelog": settings.partitions}
+
+    @app.timer(interval=settings.broker_probe_interval_s)
+    async def watch_broker() -> None:
+        """Probe the broker off the event loop; exit when it has been unusable too long."""
+        timeout = max(1.0, settings.broker_probe_interval_s)
+        try:
+            problem = await asyncio.wait_for(asyncio.to_thread(
+                probe_broker, settings.bootstrap, watched_topics, timeout), timeout * 3)
+        except TimeoutError:
+            problem = f"broker {settings.bootstrap}: no answer within {timeout * 3:.0f} s"
+        broker_watch.observe(problem)
+        metrics.broker_unreachable_seconds.set(broker_watch.seconds_unusable())
+        if broker_watch.should_exit():
+            log.critical("%s for %.0f s (INCSTREAM_BROKER_LOST_EXIT_S=%s); exiting with status "
+                         "%d for a restart", broker_watch.problem,
+                         broker_watch.seconds_unusable(), settings.broker_lost_exit_s,
+                         EXIT_BROKER_LOST)
+            logging.shutdown()
+            os._exit(EXIT_BROKER_LOST)  # a clean stop would wait on the broker it lost
+
+    add_routes(app, metrics, progress, broker_usable=lambda: broker_watch.healthy)
+
+    stop_builds = getattr(classifier, "stop", None)  # DocumentClassifier's (the peers: none)
+    if stop_builds is not None:
+        @app.on_before_shutdown.connect
+        async def abandon_build(app: faust.App, **kwargs: Any) -> None:
+            """A build in progress stops within one matmul (pipeline.document_sessions)."""
+            stop_builds.set()
+
     app.incstream_metrics = metrics  # type: ignore[attr-defined]
     app.incstream_classifier = classifier  # type: ignore[attr-defined]
     return app
@@ -489,6 +556,7 @@ def run_worker(settings: Settings) -> None:
     from pipeline.topics import ensure_topics
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    release_freed_memory()  # evicted sessions give their pages back (pipeline/memory_budget)
     ensure_topics(settings)
     app = build_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level)

@@ -45,7 +45,12 @@ def cli() -> None:
               help="incremental (default), or a dense peer to measure against: chunk (re-runs "
                    "changed chunks) or dense (the whole document) [INCSTREAM_CLASSIFIER]")
 @click.option("--session-cache-bytes", type=int,
-              help="memory budget of the hot session cache (default 2 GiB)")
+              help="at most this much for the hot session cache (default 2 GiB)")
+@click.option("--memory-budget-bytes", type=int,
+              help="resident memory the worker may hold, model and sessions included "
+                   "(default 3 GiB; 0 = none) [INCSTREAM_MEMORY_BUDGET_BYTES]")
+@click.option("--max-document-tokens", type=int,
+              help="larger documents are not classified (document_too_large; default 16384)")
 @click.option("--torch-threads", type=int, help="torch CPU threads for inference (default 1)")
 @click.option("--mode", "engine_mode", type=click.Choice(["exact", "fast"]),
               help="engine mode (default: the bundle's, else exact) [INCSTREAM_ENGINE_MODE]")
@@ -144,9 +149,11 @@ def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, 
 def _register_subcommands() -> None:
     from pipeline.cli_bench import bench
     from pipeline.cli_model import classify_command, eval_command, train_command
+    from pipeline.memory_bench import memory_bench_command
     from pipeline.pipeline_modes import pipeline_bench_command
 
     bench.add_command(pipeline_bench_command)
+    bench.add_command(memory_bench_command)
     cli.add_command(bench)
     cli.add_command(train_command, "train")
     cli.add_command(eval_command, "eval")

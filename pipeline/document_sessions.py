@@ -14,6 +14,14 @@ Per revision, `DocumentClassifier.classify` reports where its answer came from (
            update and commit, a dead-lettered state) or failed the after-edit text check:
            discarded and built fresh.
 
+Memory (pipeline.memory_budget): a session's bytes are estimated from its token count before it
+is built or grown, and the cache evicts least recently used sessions first, so the sessions
+never hold more than their budget, not even for a moment. A revision whose document has more
+tokens than `token_limit` (max_document_tokens, and what one session may hold within the
+budget) is not classified: `classify` returns a `DocumentTooLarge` for it, the worker applies it
+to the text anyway (so a later edit that shrinks the document is classified again) and
+dead-letters it as `document_too_large`.
+
 Everything here is blocking torch work: the worker calls `classify` on one dedicated thread
 (never on the event loop), and the cache is only ever touched from that thread.
 """
@@ -22,12 +30,21 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
+from engine.model.macs import MacCounter
+from pipeline.memory_budget import (
+    SessionSizer,
+    bytes_per_row,
+    resident_bytes,
+    sessions_budget,
+)
 from state.ordering import AppliedRevision
 
 log = logging.getLogger("incstream.sessions")
@@ -70,6 +87,18 @@ class SessionCache:
         if entry is not None:
             self.nbytes -= entry[1]
 
+    def make_room(self, nbytes: int) -> int:
+        """Evict least recently used sessions until `nbytes` more fit the budget (call it
+        before building or growing a session, with the cache's own entry for that document
+        discarded or counted in `nbytes`); returns how many were evicted."""
+        evicted = 0
+        while self._entries and self.nbytes + nbytes > self.budget_bytes:
+            _, (_, old_size) = self._entries.popitem(last=False)
+            self.nbytes -= old_size
+            evicted += 1
+        self.evictions += evicted
+        return evicted
+
     def put(self, doc_id: str, session: _Sized) -> int:
         """Insert or re-measure `session` as most recently used; returns how many were evicted."""
         self.discard(doc_id)
@@ -105,6 +134,44 @@ class Inference:
     record_writes: dict[bytes, bytes | None] | None = None
 
 
+@dataclass(frozen=True)
+class DocumentTooLarge:
+    """A revision not classified: its document has more tokens than the classifier's limit.
+    No session was built or kept for it."""
+
+    tokens: int
+    limit: int
+    label = None
+    record_writes = None  # no session, no chunk records
+
+    def message(self, rev: int) -> str:
+        return (f"rev {rev} has {self.tokens} tokens, over this worker's limit of "
+                f"{self.limit} (INCSTREAM_MAX_DOCUMENT_TOKENS, or what the session budget "
+                f"holds): not classified (label null); its text is kept, so an edit that "
+                f"brings it under the limit is classified again")
+
+
+class BuildCancelled(Exception):
+    """The worker is stopping: a session build or update was abandoned part way."""
+
+
+class StoppableMacs(MacCounter):
+    """A session's MAC counter that raises BuildCancelled once `stop` is set.
+
+    The engine counts MACs at every matmul of a build or an update: it is the one place the
+    engine calls back while it works, so a stopping worker abandons even a long build within
+    one matmul (the event is not acknowledged and is handled again after the restart)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def add(self, category: str, n: int) -> None:
+        if self.stop.is_set():
+            raise BuildCancelled("the worker is stopping")
+        super().add(category, n)
+
+
 def dense_equivalent_macs(chunk_lengths: Sequence[int], cfg: Any) -> int:
     """MACs of re-running the dense ORIGINAL model on a whole document, chunked like the session
     ([CLS] content [SEP] per chunk), counted as engine.benchmarks.bench counts it
@@ -126,8 +193,13 @@ def softmax_scores(logits: Sequence[float], labels: Sequence[str]) -> dict[str, 
 class DocumentClassifier:
     """A model bundle, its tokenizer and the hot session cache of one worker process."""
 
+    # Built once at start: measures the engine mode's bytes per row (and warms it up, so the
+    # baseline memory measured after it includes e.g. the fast mode's float32 weights).
+    WARM_UP_TEXT = " ".join(["The worker measures one session before it takes events."] * 12)
+
     def __init__(self, model: Any, manifest: dict, tokenizer: Any, cache_bytes: int,
-                 metrics: Any | None = None, mode: Any = None) -> None:
+                 metrics: Any | None = None, mode: Any = None,
+                 max_document_tokens: int = 0) -> None:
         from engine.incremental.chunks import ChunkPolicy
         from engine.incremental.fast_mode import resolve_mode
 
@@ -145,16 +217,41 @@ class DocumentClassifier:
         self.cache = SessionCache(cache_bytes)
         self.metrics = metrics
         self.records: Any = None  # a state.chunk_record_store.ChunkRecordStore (fast mode)
+        self.stop = threading.Event()  # set when the worker stops: abandons a build
+        self.max_document_tokens = max_document_tokens
+        from engine.incremental.chunks import max_rows
+
+        with torch_no_grad():
+            warm = self.fresh(self.WARM_UP_TEXT)
+        rows = sum(len(chunk.token_ids) for chunk in warm.chunks)
+        self.sizer = SessionSizer(bytes_per_row(warm.nbytes(), rows),
+                                  partial(max_rows, policy=self.policy))
+        self.set_sessions_budget(cache_bytes)
         if metrics is not None:
-            metrics.session_cache_budget_bytes.set(cache_bytes)
             metrics.model_info.labels(self.name).set(1)
+
+    def set_sessions_budget(self, budget: int) -> None:
+        """The sessions' byte budget, and with it the largest document classified."""
+        self.cache.budget_bytes = int(budget)
+        self.cache.make_room(0)
+        fits = self.sizer.max_tokens_within(self.cache.budget_bytes)
+        self.token_limit = min(self.max_document_tokens, fits) if self.max_document_tokens \
+            else fits
+        if self.metrics is not None:
+            self.metrics.session_cache_budget_bytes.set(self.cache.budget_bytes)
+            self.metrics.max_document_tokens.set(self.token_limit)
 
     @classmethod
     def load(cls, name_or_dir: str, cache_bytes: int, metrics: Any | None = None,
-             threads: int | None = None, mode: Any = None) -> DocumentClassifier:
+             threads: int | None = None, mode: Any = None, max_document_tokens: int = 0,
+             memory_budget: int | None = None, memory_reserve: int = 0,
+             ) -> DocumentClassifier:
         """`mode`: "exact", a FastModeConfig, a callable that picks one from the bundle's
         manifest "engine" section (pipeline.settings.Settings.engine), or None (the bundle's
-        choice, else exact)."""
+        choice, else exact). With `memory_budget` (bytes the process may hold resident) the
+        sessions get what it leaves over the resident memory measured once the model is
+        loaded and warmed up, and `memory_reserve` (pipeline.memory_budget), at most
+        `cache_bytes`."""
         import torch
 
         from engine.model.base_model import load_tokenizer
@@ -166,17 +263,36 @@ class DocumentClassifier:
         tokenizer = load_tokenizer(manifest["base_model"])
         if callable(mode):
             mode = mode(manifest.get("engine"))
-        return cls(model, manifest, tokenizer, cache_bytes, metrics, mode)
+        classifier = cls(model, manifest, tokenizer, cache_bytes, metrics, mode,
+                         max_document_tokens)
+        baseline = resident_bytes()
+        if memory_budget and baseline is not None:
+            budget = sessions_budget(memory_budget, baseline, memory_reserve, cache_bytes,
+                                     minimum=classifier.sizer.estimate(
+                                         classifier.policy.max_content))
+            classifier.set_sessions_budget(budget)
+            log.info("memory budget %d MiB: model and runtime %d MiB, reserve %d MiB, "
+                     "sessions %d MiB (%d B a row); documents up to %d tokens",
+                     memory_budget >> 20, baseline >> 20, memory_reserve >> 20, budget >> 20,
+                     classifier.sizer.bytes_per_row, classifier.token_limit)
+        if metrics is not None and memory_budget:
+            metrics.memory_budget_bytes.set(memory_budget)
+        return classifier
 
     # ----- one document, one or more consecutive revisions (a filled gap applies several)
     def classify(self, doc_id: str, previous_text: str | None,
-                 revisions: Sequence[AppliedRevision]) -> list[Inference]:
-        import torch
-
-        out = []
-        with torch.no_grad():
+                 revisions: Sequence[AppliedRevision]) -> list[Inference | DocumentTooLarge]:
+        """One answer per revision; raises BuildCancelled once `stop` is set."""
+        out: list[Inference | DocumentTooLarge] = []
+        with torch_no_grad():
             for revision in revisions:
-                out.append(self._classify_one(doc_id, previous_text, revision))
+                try:
+                    out.append(self._classify_one(doc_id, previous_text, revision))
+                except BuildCancelled:
+                    log.warning("the worker is stopping: %r rev %s abandoned part way (its "
+                                "event is handled again after the restart)", doc_id,
+                                revision.rev)
+                    raise
                 previous_text = revision.text
         return out
 
@@ -199,7 +315,11 @@ class DocumentClassifier:
         """A session built from scratch on `text` (what a cache miss does)."""
         from engine.incremental.session import DocumentSession
 
-        return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode)
+        return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode,
+                               macs=StoppableMacs(self.stop))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def _restored(self, doc_id: str, text: str) -> Any | None:
         """The session of `text` as its chunk records left it (chunks without a record are
@@ -210,7 +330,7 @@ class DocumentClassifier:
         if not found:
             return None
         return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode,
-                               records=found)
+                               records=found, macs=StoppableMacs(self.stop))
 
     def _record_writes(self, doc_id: str, session: Any, report: Any | None,
                        previous_text: str | None) -> dict[bytes, bytes | None] | None:
@@ -234,7 +354,9 @@ class DocumentClassifier:
                                                                   strict=True)]
 
     def _classify_one(self, doc_id: str, previous_text: str | None,
-                      revision: AppliedRevision) -> Inference:
+                      revision: AppliedRevision) -> Inference | DocumentTooLarge:
+        from engine.incremental.edit_tokenizer import token_count_delta
+
         started = time.perf_counter()
         m = self.metrics
         session = self.cache.get(doc_id)
@@ -245,20 +367,34 @@ class DocumentClassifier:
                 and not revision.is_snapshot):
             # Not in memory (a restart, a rebalance, an eviction): the chunk records bring
             # the session of the previous text back, and the edit is applied to it as the
-            # uninterrupted worker would have.
-            session = self._restored(doc_id, previous_text)
+            # uninterrupted worker would have (if it fits: room is made for it first).
+            previous_tokens = self.count_tokens(previous_text)
+            if previous_tokens <= self.token_limit:
+                self.cache.make_room(self.sizer.estimate(previous_tokens))
+                session = self._restored(doc_id, previous_text)
         touched: list[int] | None = None  # chunks an incremental update touched
         if session is not None and revision.is_snapshot:
-            self.cache.discard(doc_id)
             session = None
         elif session is not None and session.text != previous_text:
-            status, reason = "rebuild", "stale"
-        elif session is not None:
+            status, reason, session = "rebuild", "stale", None
+        # Out of the cache while it works: its bytes are measured again when it is put back.
+        self.cache.discard(doc_id)
+        tokens = (len(session.tokens.ids) + token_count_delta(
+            self.tokenizer, previous_text, revision.text, revision.change)
+            if session is not None else self.count_tokens(revision.text))
+        if tokens > self.token_limit:
+            self._observe_cache(0)
+            return DocumentTooLarge(tokens, self.token_limit)
+        # Room first: the cache never holds more than its budget, not even while building.
+        evicted = self.cache.make_room(self.sizer.estimate(tokens))
+        if session is not None:
             try:
                 report = session.apply_change(revision.text, revision.change)
+            except BuildCancelled:
+                raise
             except Exception:
                 log.exception("incremental update of %r failed; rebuilding", doc_id)
-                status, reason = "rebuild", "error"
+                status, reason, session = "rebuild", "error", None
             else:
                 if session.text == revision.text:
                     status = "hit"
@@ -268,14 +404,13 @@ class DocumentClassifier:
                 else:
                     log.error("session of %r has other text than rev %s after the edit; "
                               "rebuilding", doc_id, revision.rev)
-                    status, reason = "rebuild", "text_mismatch"
-        if status != "hit":
+                    status, reason, session = "rebuild", "text_mismatch", None
+        if session is None:
             report = None
-            self.cache.discard(doc_id)  # free its memory before building the new one
             session = self.fresh(revision.text)
             macs = int(session.macs.total)
             positions = sum(len(c.token_ids) for c in session.chunks) * self.model.cfg.layers
-        evicted = self.cache.put(doc_id, session)
+        evicted += self.cache.put(doc_id, session)
         logits = session.logits().tolist()
         scores = softmax_scores(logits, self.labels)
         label = self.labels[max(range(len(logits)), key=logits.__getitem__)]
@@ -289,9 +424,7 @@ class DocumentClassifier:
                 m.session_cache_misses.inc()
             else:
                 m.session_rebuilds.labels(reason).inc()
-            m.session_cache_evictions.inc(evicted)
-            m.session_cache_bytes.set(self.cache.nbytes)
-            m.session_cache_sessions.set(len(self.cache))
+            self._observe_cache(evicted)
             m.inference_macs.labels(path).inc(macs)
             m.dense_equivalent_macs.inc(dense)
             # The chunk-cache peer re-runs the chunks whose ids changed (all of them on a build).
@@ -305,3 +438,15 @@ class DocumentClassifier:
                          tokens=len(session.tokens.ids), positions_recomputed=positions,
                          macs=macs, macs_dense_equivalent=dense, seconds=seconds,
                          record_writes=writes)
+
+    def _observe_cache(self, evicted: int) -> None:
+        if self.metrics is not None:
+            self.metrics.session_cache_evictions.inc(evicted)
+            self.metrics.session_cache_bytes.set(self.cache.nbytes)
+            self.metrics.session_cache_sessions.set(len(self.cache))
+
+
+def torch_no_grad() -> Any:
+    import torch
+
+    return torch.no_grad()

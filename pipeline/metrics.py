@@ -230,6 +230,24 @@ class WorkerMetrics:
             "incstream_session_cache_sessions", "Documents with a session in the hot cache",
             registry=r,
         )
+        self.broker_unreachable_seconds = Gauge(
+            "incstream_broker_unreachable_seconds",
+            "Seconds the broker has not answered or has lacked this worker's topics (0: fine; "
+            "the worker exits after INCSTREAM_BROKER_LOST_EXIT_S)",
+            registry=r,
+        )
+        self.memory_budget_bytes = Gauge(
+            "incstream_memory_budget_bytes",
+            "Resident memory the worker may hold, model and sessions included (0: no budget)",
+            registry=r,
+        )
+        self.max_document_tokens = Gauge(
+            "incstream_max_document_tokens",
+            "Largest document (tokens) this worker classifies: INCSTREAM_MAX_DOCUMENT_TOKENS, "
+            "or what one session may hold within the session budget; larger ones are "
+            "dead-lettered document_too_large",
+            registry=r,
+        )
         self.model_info = Gauge(
             "incstream_model_info", "The model bundle this worker classifies with (value 1)",
             ["model"],

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     # Read every local table store through at start (RocksDB checksums) and move a damaged
     # one aside to be rebuilt from the changelog. Costs a scan of the local state.
     verify_store_at_start: bool = True
+    # The worker asks the broker every broker_probe_interval_s whether it answers and has the
+    # worker's topics (pipeline/broker_watch.py); while not, /ready is 503, and after
+    # broker_lost_exit_s the worker exits with status 69 for its supervisor to restart it
+    # (0 = never exit).
+    broker_probe_interval_s: float = 5.0
+    broker_lost_exit_s: float = 60.0
     # Faust commits consumer offsets this often (seconds); at-least-once either way.
     commit_interval_s: float = 1.0
     # How long the group waits for a silent (crashed) member before handing its partitions
@@ -56,9 +62,22 @@ class Settings(BaseSettings):
     # Who answers: "incremental" (the engine's sessions) or, to measure against, a peer that
     # runs the dense model: "chunk" (re-runs changed chunks) or "dense" (the whole document).
     classifier: Literal["incremental", "chunk", "dense"] = "incremental"
-    # Memory budget of the hot cache of per-document sessions (activations, ~115 KB a token;
-    # least recently used documents are evicted and rebuilt from their text when next edited).
+    # Resident memory (RSS) the worker process may hold, model and sessions included
+    # (pipeline/memory_budget.py). The hot sessions get what it leaves over the memory measured
+    # once the model is loaded and the reserve, at most session_cache_bytes. 0: no budget, the
+    # sessions get session_cache_bytes. (The incremental classifier's; the peers ignore it.)
+    memory_budget_bytes: int = 3 * 1024**3
+    # Kept free inside the budget for what grows after start: a chunk build's activations,
+    # Kafka fetch buffers, RocksDB memtables, the allocator's slack.
+    memory_reserve_bytes: int = 512 * 1024**2
+    # At most this much for the hot cache of per-document sessions (activations: exact ~117 KB
+    # a token, fast ~15 KB; least recently used documents are evicted and rebuilt from their
+    # text when next edited).
     session_cache_bytes: int = 2 * 1024**3
+    # Documents with more tokens than this (or than one session can hold within the sessions'
+    # budget) are not classified: the revision is applied to the text, its update has label
+    # null and a document_too_large dead letter says why. 0: only the budget limits them.
+    max_document_tokens: int = 16_384
     # torch CPU threads for inference (one inference thread per worker process).
     torch_threads: int = 1
     # Engine mode: "exact" (every answer equals a fresh build of the text) or "fast" (reuse

@@ -11,12 +11,14 @@ Bind it to 127.0.0.1 outside containers (INCSTREAM_WEB_HOST, the default).
 - /live (200/503): the event loop answers (this page runs on it) and the agent makes
   progress: it has not held one event longer than INCSTREAM_LIVENESS_STALL_S, and it has
   taken an event within that time whenever the worker is ready and events wait for it;
-- /ready (200/503): partitions assigned and table recovery finished, no rebalance going on.
+- /ready (200/503): partitions assigned and table recovery finished, no rebalance going on,
+  and the broker answers with the worker's topics (pipeline.broker_watch).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -84,7 +86,8 @@ def is_ready(app: faust.App) -> bool:
     return app.tables.recovery.completed.is_set() and not app.rebalancing
 
 
-def add_routes(app: faust.App, metrics: WorkerMetrics, progress: AgentProgress) -> None:
+def add_routes(app: faust.App, metrics: WorkerMetrics, progress: AgentProgress,
+               broker_usable: Callable[[], bool] = lambda: True) -> None:
     """The worker's three pages."""
 
     @app.page("/metrics")
@@ -96,12 +99,13 @@ def add_routes(app: faust.App, metrics: WorkerMetrics, progress: AgentProgress) 
     @app.page("/ready")
     async def ready_page(web: Any, request: Any) -> Any:
         """200 once the worker has its partitions and has restored its table (it consumes
-        from here on); 503 before that and during a rebalance. Tests send nothing before this:
+        from here on); 503 before that, during a rebalance and while the broker does not
+        answer or lacks the worker's topics. Tests send nothing before this:
         events produced while a fresh group's worker restored a non-empty changelog were
         skipped in about half the runs here (faust-streaming 0.15.3 drops what it fetches
         while tables recover and counts on a seek to the committed offset to read it again;
         with nothing committed there was none). Not fixed in the worker yet."""
-        ready = is_ready(app)
+        ready = is_ready(app) and broker_usable()
         return web.text("ready\n" if ready else "not ready\n", status=200 if ready else 503)
 
     @app.page("/live")

@@ -71,3 +71,12 @@ def test_the_default_model_setting_is_the_default_bundle():
 
     assert Settings().model == DEFAULT_MODEL
     assert Settings(model="none").model_enabled is False
+
+
+def test_make_room_evicts_least_recently_used_before_a_session_is_built():
+    cache = SessionCache(budget_bytes=100)
+    cache.put("a", Fake(40))
+    cache.put("b", Fake(40))
+    assert cache.make_room(20) == 0  # 80 + 20 fits
+    assert cache.make_room(30) == 1 and "a" not in cache and cache.nbytes == 40
+    assert cache.make_room(100) == 1 and len(cache) == 0 and cache.evictions == 2

@@ -119,6 +119,14 @@ def chunk_lengths(ids: Sequence[int], policy: ChunkPolicy,
     return lengths
 
 
+def max_rows(n_tokens: int, policy: ChunkPolicy) -> int:
+    """An upper bound on the rows (content + [CLS] and [SEP] per chunk) of a document of
+    `n_tokens` tokens, without cutting it: every chunk but the last holds at least
+    `policy.min_content` tokens (chunk_lengths cuts in [min, max]). For budgeting a session's
+    memory before building it."""
+    return n_tokens + 2 * (n_tokens // policy.min_content + 1)
+
+
 def window_scores(ids: Sequence[int], lo: int, hi: int,
                   continues_word: torch.Tensor | None = None) -> torch.Tensor:
     """cut_scores(ids)[lo:hi], computed from ids[lo-2:hi] only."""

@@ -1,0 +1,63 @@
+"""Sizing sessions before they are built, and the sessions' share of the memory budget."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+
+from engine.incremental.chunks import ChunkPolicy, chunk_lengths, max_rows
+from pipeline.broker_watch import BrokerWatch
+from pipeline.memory_budget import (
+    MemoryBudgetTooSmall,
+    SessionSizer,
+    peak_resident_bytes,
+    resident_bytes,
+    sessions_budget,
+)
+
+
+def test_max_rows_bounds_every_layout_of_the_chunker():
+    policy = ChunkPolicy()
+    for n in (0, 1, 200, 254, 255, 1000, 5000):
+        for ids in ([7] * n, list(range(1000, 1000 + n))):  # no cut candidates / many
+            lengths = chunk_lengths(ids, policy)
+            assert sum(lengths) + 2 * len(lengths) <= max_rows(n, policy), n
+
+
+def test_sizer_inverts_its_estimate():
+    sizer = SessionSizer(bytes_per_row=1000, rows_bound=partial(max_rows, policy=ChunkPolicy()))
+    tokens = sizer.max_tokens_within(5_000_000)
+    assert sizer.estimate(tokens) <= 5_000_000 < sizer.estimate(tokens + 1)
+
+
+def test_sessions_get_what_the_budget_leaves_at_most_the_cache_cap():
+    assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=10_000,
+                           minimum=100) == 1500
+    assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=800, minimum=100) == 800
+    with pytest.raises(MemoryBudgetTooSmall, match="INCSTREAM_MEMORY_BUDGET_BYTES"):
+        sessions_budget(1400, baseline=1000, reserve=500, cache_cap=800, minimum=100)
+
+
+def test_resident_memory_is_read_from_proc():
+    rss, peak = resident_bytes(), peak_resident_bytes()
+    assert rss is not None and peak is not None and 0 < rss <= peak
+
+
+def test_broker_watch_counts_from_the_first_failed_probe_and_resets_on_success():
+    now = [100.0]
+    watch = BrokerWatch(exit_after_s=30, clock=lambda: now[0])
+    watch.observe(None)
+    assert watch.healthy and watch.seconds_unusable() == 0 and not watch.should_exit()
+    watch.observe("broker lacks this worker's topics")
+    now[0] = 120.0
+    watch.observe("broker does not answer")
+    assert not watch.healthy and watch.seconds_unusable() == 20 and not watch.should_exit()
+    now[0] = 130.0
+    assert watch.should_exit() and watch.problem == "broker does not answer"
+    watch.observe(None)
+    assert watch.healthy and not watch.should_exit()
+    never = BrokerWatch(exit_after_s=0, clock=lambda: now[0])
+    never.observe("broker does not answer")
+    now[0] = 10_000.0
+    assert never.seconds_unusable() > 0 and not never.should_exit()  # 0: never exit
