@@ -77,16 +77,16 @@ class MemoryBudgetTooSmall(ValueError):
 def sessions_budget(memory_budget: int, baseline: int, reserve: int, cache_cap: int,
                     minimum: int) -> int:
     """Bytes the hot sessions may hold: what the budget leaves over the measured baseline and
-    the reserve, never more than `cache_cap` (session_cache_bytes). Raises when that is below
-    `minimum` (one full chunk): the worker could classify nothing."""
-    room = min(cache_cap, memory_budget - baseline - reserve)
+    the reserve, never more than `cache_cap` (session_cache_bytes). Raises when the budget
+    leaves less than `minimum` (one full chunk): it is too small for this model."""
+    room = memory_budget - baseline - reserve
     if room < minimum:
         raise MemoryBudgetTooSmall(
             f"memory budget {memory_budget:,} B leaves {room:,} B for document sessions after "
             f"the model and runtime ({baseline:,} B measured at start) and the reserve "
             f"({reserve:,} B); at least {minimum:,} B are needed: raise "
             f"INCSTREAM_MEMORY_BUDGET_BYTES or lower INCSTREAM_MEMORY_RESERVE_BYTES")
-    return room
+    return min(cache_cap, room)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ DEAD_LETTER_REASONS = (
     "event_too_large", "invalid_json", "unknown_schema", "invalid_event", "invalid_text",
     "key_mismatch", "invalid_ops", "ops_past_end", "base_rev_mismatch", "length_mismatch",
     "checksum_mismatch", "gap_overflow", "state_too_large", "state_unreadable",
-    "awaiting_snapshot", "internal_error",
+    "awaiting_snapshot", "document_too_large", "internal_error",
 )
 # A dead letter always fits one Kafka record (the producer's default limit is 1 MB): past this
 # size it carries an excerpt of the event, its size and its SHA-1 instead of the whole event.

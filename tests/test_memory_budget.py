@@ -35,8 +35,9 @@ def test_sessions_get_what_the_budget_leaves_at_most_the_cache_cap():
     assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=10_000,
                            minimum=100) == 1500
     assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=800, minimum=100) == 800
+    assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=50, minimum=100) == 50
     with pytest.raises(MemoryBudgetTooSmall, match="INCSTREAM_MEMORY_BUDGET_BYTES"):
-        sessions_budget(1400, baseline=1000, reserve=500, cache_cap=800, minimum=100)
+        sessions_budget(1550, baseline=1000, reserve=500, cache_cap=800, minimum=100)
 
 
 def test_resident_memory_is_read_from_proc():

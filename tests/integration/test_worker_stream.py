@@ -452,7 +452,11 @@ def test_metrics_account_for_everything_the_worker_did(
     assert {r["doc_id"] for r in updates} == set(last_text)
     assert metric(page, "incstream_session_cache_sessions") == len(last_text)
     assert metric(page, "incstream_session_cache_evictions_total") == 0
-    assert metric(page, "incstream_session_cache_budget_bytes") == CACHE_BYTES
+    # The default memory budget (3 GiB) leaves the sessions a little under CACHE_BYTES: what
+    # is left over the model's measured start and the 512 MiB reserve.
+    budget = metric(page, "incstream_session_cache_budget_bytes")
+    assert 1.5 * 1024**3 < budget <= CACHE_BYTES
+    assert metric(page, "incstream_memory_budget_bytes") == 3 * 1024**3
     assert metric(page, "incstream_session_cache_bytes") == sum(
         fresh_session(text).nbytes() for text in last_text.values())
 
