@@ -361,7 +361,7 @@ class DocumentClassifier:
         m = self.metrics
         session = self.cache.get(doc_id)
         status, reason = "miss", None
-        macs = positions = 0
+        macs = positions = evicted = 0
         report = None
         if (session is None and self.records is not None and previous_text is not None
                 and not revision.is_snapshot):
@@ -370,7 +370,7 @@ class DocumentClassifier:
             # uninterrupted worker would have (if it fits: room is made for it first).
             previous_tokens = self.count_tokens(previous_text)
             if previous_tokens <= self.token_limit:
-                self.cache.make_room(self.sizer.estimate(previous_tokens))
+                evicted += self.cache.make_room(self.sizer.estimate(previous_tokens))
                 session = self._restored(doc_id, previous_text)
         touched: list[int] | None = None  # chunks an incremental update touched
         if session is not None and revision.is_snapshot:
@@ -383,10 +383,10 @@ class DocumentClassifier:
             self.tokenizer, previous_text, revision.text, revision.change)
             if session is not None else self.count_tokens(revision.text))
         if tokens > self.token_limit:
-            self._observe_cache(0)
+            self._observe_cache(evicted)
             return DocumentTooLarge(tokens, self.token_limit)
         # Room first: the cache never holds more than its budget, not even while building.
-        evicted = self.cache.make_room(self.sizer.estimate(tokens))
+        evicted += self.cache.make_room(self.sizer.estimate(tokens))
         if session is not None:
             try:
                 report = session.apply_change(revision.text, revision.change)
