@@ -102,20 +102,6 @@ def _as_text(raw: bytes) -> str | None:
         return None
 
 
-def write_records(table: Any, writes: dict[bytes, bytes | None]) -> int:
-    """Apply an answer's chunk record writes (None = delete) to the activations table;
-    returns the bytes written."""
-    written = 0
-    for key, value in writes.items():
-        if value is None:
-            if key in table:
-                del table[key]
-        else:
-            table[key] = value
-            written += len(key) + len(value)
-    return written
-
-
 def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
               classifier: DocumentClassifier | None = None) -> faust.App:
     """The worker's Faust app. With `settings.model_enabled` it loads the model bundle (unless
@@ -167,24 +153,17 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     )
     classes = app.topic(settings.classes_topic, key_serializer="raw", value_serializer="raw")
     dead_letters = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
-    # doc_id (bytes) -> encoded DocumentState. Raw bytes: the codec in state.document owns them.
-    # (key_type/value_type bytes is how Faust tables select the "raw" serializer.)
-    documents = app.Table(
-        settings.table_name,
-        default=None,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=settings.partitions,
-    )
+    def raw_table(name: str) -> Any:
+        # Raw bytes: the codecs in state/ own them (key_type/value_type bytes is how Faust
+        # tables select the "raw" serializer).
+        return app.Table(name, default=None, key_type=bytes, value_type=bytes,
+                         partitions=settings.partitions)
+
+    # doc_id (bytes) -> encoded DocumentState (state.document).
+    documents = raw_table(settings.table_name)
     # Fast mode: per-chunk activation records (state.chunk_record_store), keyed by document
     # and chunk content, written in the document's partition next to its state.
-    activations = app.Table(
-        settings.activations_table,
-        default=None,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=settings.partitions,
-    )
+    activations = raw_table(settings.activations_table)
     keeps_records = classifier is not None and hasattr(classifier, "keep_records") \
         and classifier.keep_records(activations)
     if settings.verify_store_at_start:
@@ -445,7 +424,7 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                     for answer in answers:
                         if answer is not None and answer.record_writes:
                             metrics.chunk_record_bytes.inc(
-                                write_records(activations, answer.record_writes))
+                                classifier.records.apply(answer.record_writes))
                 if encoded is not None:
                     write_state(key, encoded, message.message.partition,
                                 held=len(decision.state.held))

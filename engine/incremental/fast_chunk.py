@@ -128,9 +128,17 @@ def _requantize(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Ten
     codes = torch.where(switch, best_code, old_h)
     kept = torch.where(switch, d_best, d_old)
     gap = fw.code_gap[layer].gather(1, codes)  # (H, U)
-    slack = ((tau + gap) / 2 - kept).clamp_min_(
+    return codes.t(), _slack(fw, cfg, layer, gap, kept).t()
+
+
+def _slack(fw: FastWeights, cfg: FastModeConfig, layer: int, gap: torch.Tensor,
+           distance: torch.Tensor) -> torch.Tensor:
+    """How far a context at `distance` from its code (whose nearest other code is `gap` away)
+    may move before hysteresis could replace the code: (tau_l + gap) / 2 - distance by the
+    triangle inequality, and at least `context_tolerance` x the layer's median gap."""
+    tau = cfg.tau * float(fw.gap_median[layer])
+    return ((tau + gap) / 2 - distance).clamp_min_(
         cfg.context_tolerance * float(fw.gap_median[layer]))
-    return codes.t(), slack.t()
 
 
 def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
@@ -185,15 +193,12 @@ def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tens
 
 def _held_slack(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Tensor,
                 codes: torch.Tensor) -> torch.Tensor:
-    """The slack of contexts ctx (n, H, d) that keep their codes (n, H): what _requantize gives
-    a held code, (tau_l + gap(c)) / 2 - |ctx - c|, at least the context tolerance."""
-    heads = ctx.shape[1]
-    tau = cfg.tau * float(fw.gap_median[layer])
-    all_heads = torch.arange(heads, device=ctx.device)
+    """The slack (_slack) of contexts ctx (n, H, d) that keep their codes (n, H), as
+    _requantize gives a held code."""
+    all_heads = torch.arange(ctx.shape[1], device=ctx.device)
     held = fw.codebooks.codes[layer][all_heads, codes]  # (n, H, d)
     gap = fw.code_gap[layer][all_heads, codes]  # (n, H)
-    return ((tau + gap) / 2 - (ctx - held).norm(dim=-1)).clamp_min(
-        cfg.context_tolerance * float(fw.gap_median[layer]))
+    return _slack(fw, cfg, layer, gap, (ctx - held).norm(dim=-1))
 
 
 def restore_fast_chunk(fw: FastWeights, cfg: FastModeConfig, record: ChunkRecord,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,9 +76,6 @@ class EditReport:
     # Token ids of the chunks the edit replaced (updated or dropped): what a store of chunk
     # records may forget (the touched chunks' new records replace them).
     removed: list[tuple[int, ...]] = field(default_factory=list)
-
-
-RecordLookup = Callable[[list[tuple[int, ...]]], Sequence[ChunkRecord]]
 
 
 @dataclass
@@ -339,11 +336,10 @@ class DocumentSession:
     def __init__(self, model: VQModel, tokenizer: Any, text: str = "",
                  policy: ChunkPolicy | None = None, macs: MacCounter | None = None,
                  mode: str | FastModeConfig | None = None,
-                 records: Sequence[ChunkRecord] | RecordLookup | None = None):
+                 records: Sequence[ChunkRecord] | None = None):
         """A session on `text`: every chunk built, or, with `records` (the chunk_records() of
-        a session on the same text, e.g. read back from durable storage, or a function that
-        looks them up given the chunks' token ids), restored from the record of the same
-        content where there is one (restored_chunks counts them)."""
+        a session on the same text, e.g. read back from durable storage), restored from the
+        record of the same content where there is one (restored_chunks counts them)."""
         self.model = model
         self.tokenizer = tokenizer
         self.policy = policy or ChunkPolicy()
@@ -356,9 +352,6 @@ class DocumentSession:
         self.chunks: list[ChunkActivations | FastChunk] = []
         ids = self.tokens.ids
         self._lengths = chunk_lengths(ids, self.policy, self.continues_word)
-        if callable(records):
-            records = records([tuple(ids[start : start + n]) for start, n in
-                               zip(offsets(self._lengths), self._lengths, strict=True)])
         saved: dict[tuple[int, ...], list[ChunkRecord]] = {}
         for record in records or ():
             saved.setdefault(record.content, []).append(record)

@@ -135,3 +135,20 @@ def fresh_classify(fresh_session) -> Callable[[str], FreshAnswer]:
 
     return classify
 
+
+@pytest.fixture(scope="module")
+def deployment(make_deployment, tmp_path_factory, request):
+    """One deployment (its own topics, group and table) shared by a test module's tests."""
+    return make_deployment(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+
+
+@pytest.fixture(scope="module")
+def reader(deployment):
+    """A reader of the module deployment's update and dead-letter topics."""
+    from pipeline.topic_reader import TopicReader
+
+    s = deployment.settings
+    reader = TopicReader(deployment.broker.bootstrap, [s.classes_topic, s.dlq_topic]).start()
+    yield reader
+    reader.stop()
+

@@ -62,19 +62,6 @@ def append(doc: str, rev: int, old: str, piece: str) -> tuple[bytes, str]:
                   "ops": [{"retain": len(old)}, {"insert": piece}]}), new
 
 
-@pytest.fixture(scope="module")
-def deployment(make_deployment, tmp_path_factory):
-    return make_deployment(tmp_path_factory.mktemp("hostile"))
-
-
-@pytest.fixture(scope="module")
-def reader(deployment):
-    s = deployment.settings
-    reader = TopicReader(deployment.broker.bootstrap, [s.classes_topic, s.dlq_topic]).start()
-    yield reader
-    reader.stop()
-
-
 def answered(reader: TopicReader, topic: str) -> Counter:
     return Counter((r["doc_id"], r["rev"]) for r in reader.of(topic))
 

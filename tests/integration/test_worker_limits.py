@@ -75,11 +75,6 @@ def replace(doc: str, rev: int, old: str, new: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def deployment(make_deployment, tmp_path_factory):
-    return make_deployment(tmp_path_factory.mktemp("limits"))
-
-
-@pytest.fixture(scope="module")
 def session_bytes(fresh_session) -> Callable[[str], int]:
     return lambda text: fresh_session(text).nbytes()
 
@@ -103,14 +98,6 @@ def worker(deployment, cache_budget):
     worker.wait_ready()
     yield worker
     worker.stop()
-
-
-@pytest.fixture(scope="module")
-def reader(deployment):
-    s = deployment.settings
-    reader = TopicReader(deployment.broker.bootstrap, [s.classes_topic, s.dlq_topic]).start()
-    yield reader
-    reader.stop()
 
 
 @pytest.fixture(scope="module")

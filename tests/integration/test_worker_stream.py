@@ -62,11 +62,6 @@ def edit(doc: str, rev: int, **fields) -> bytes:
     return raw(schema="doc-edit/v1", doc_id=doc, rev=rev, **fields)
 
 
-@pytest.fixture(scope="module")
-def deployment(make_deployment, tmp_path_factory):
-    return make_deployment(tmp_path_factory.mktemp("stream"))
-
-
 @dataclass
 class Before:
     """What was in the topics before the module's worker started."""

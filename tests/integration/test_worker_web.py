@@ -77,11 +77,6 @@ def get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def deployment(make_deployment, tmp_path_factory):
-    return make_deployment(tmp_path_factory.mktemp("web"))
-
-
-@pytest.fixture(scope="module")
 def worker_with_documents(deployment):
     """A text-only worker that has stored DOCS and GAPPED (one held event)."""
     s = deployment.settings
