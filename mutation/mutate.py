@@ -7,8 +7,9 @@ Not part of CI (minutes per module); run it after changing a core module or its 
 
 For each MODULE (a path such as ``state/ordering.py`` or a dotted name such as
 ``engine.incremental.session``; default: the core set below) it:
-1. copies engine/, state/, pipeline/ and tests/ to ``.incstream/mutate/<module>/`` (the
-   working tree is never touched; ../shared is linked in for the tests that read edit streams),
+1. copies engine/, state/, pipeline/ (laid out as installed: ``incstream/engine/`` ...) and
+   tests/ to ``.incstream/mutate/<module>/`` (the working tree is never touched; ../shared is
+   linked in for the tests that read edit streams),
 2. runs ``mutmut run`` there on that module only, with the module's tests (``TESTS`` below, or
    ``--tests``; any other module gets the whole non-integration suite),
 3. writes ``benchmarks/mutation-<module>.json``: counts by outcome, the score, and every
@@ -81,6 +82,12 @@ def module_path(name: str) -> str:
     return path
 
 
+def installed_path(path: str) -> str:
+    """'engine/x.py' -> 'incstream/engine/x.py': where pyproject's package-dir puts it, and so
+    the path mutmut mutates and names its mutants by."""
+    return f"incstream/{path}"
+
+
 def slug(path: str) -> str:
     return path.removesuffix(".py").replace("/", "-")
 
@@ -96,7 +103,11 @@ def prepare(path: str, tests: list[str], tests_rev: str | None) -> Path:
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
             continue
-        shutil.copytree(REPO / name, work / name, ignore=ignore)
+        # the sources go where the tests import them from: incstream/engine, ... (mutmut runs
+        # the tests with the work dir first on sys.path, ahead of the editable install)
+        target = work / name if name == "tests" else work / installed_path(name)
+        shutil.copytree(REPO / name, target, ignore=ignore)
+    shutil.copy(REPO / "incstream" / "__init__.py", work / "incstream")
     shutil.copy(REPO / "mutation" / "pytest_mutmut_compat.py", work)
     shared = REPO.parent / "shared"
     if shared.is_dir():  # tests/engine/engine_streams.py looks for <checkout>/../shared
@@ -112,8 +123,8 @@ def prepare(path: str, tests: list[str], tests_rev: str | None) -> Path:
     (work / "pyproject.toml").write_text(
         "# written by mutation/mutate.py\n"
         "[tool.mutmut]\n"
-        f'source_paths = {toml_list(list(COPY[:3]))}\n'
-        f"only_mutate = {toml_list([path])}\n"
+        'source_paths = ["incstream"]\n'
+        f"only_mutate = {toml_list([installed_path(path)])}\n"
         'also_copy = ["pytest_mutmut_compat.py"]\n'
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "pytest_mutmut_compat"]\n'
@@ -137,9 +148,9 @@ def change_lines(diff: str) -> list[str]:
 
 def mutant_globs(path: str, functions: list[str]) -> list[str]:
     """mutmut's names for the mutants of some functions of `path`: 'common_ends' ->
-    'engine.incremental.session.x_common_ends__mutmut_*', 'ExactChunks.*' ->
-    'engine.incremental.session.xǁExactChunksǁ*__mutmut_*'."""
-    dotted = path.removesuffix(".py").replace("/", ".")
+    'incstream.engine.incremental.session.x_common_ends__mutmut_*', 'ExactChunks.*' ->
+    'incstream.engine.incremental.session.xǁExactChunksǁ*__mutmut_*'."""
+    dotted = installed_path(path).removesuffix(".py").replace("/", ".")
     globs = []
     for function in functions:
         owner, _, method = function.rpartition(".")
@@ -159,7 +170,7 @@ def collect(work: Path, path: str, globs: list[str] | None = None) -> list[dict]
         from mutmut.mutation.data import SourceFileMutationData
 
         Config.ensure_loaded()
-        data = SourceFileMutationData(path=Path(path))
+        data = SourceFileMutationData(path=Path(installed_path(path)))
         data.load()
         out = []
         for name, code in sorted(data.exit_code_by_key.items()):
@@ -168,7 +179,7 @@ def collect(work: Path, path: str, globs: list[str] | None = None) -> list[dict]
             status = status_by_exit_code[code]
             entry = {"name": name, "status": status}
             if status not in DETECTED:
-                entry["diff"] = get_diff_for_mutant(name, path=Path(path))
+                entry["diff"] = get_diff_for_mutant(name, path=Path(installed_path(path)))
             out.append(entry)
         return out
     finally:

@@ -35,26 +35,31 @@ from typing import Any
 
 import faust
 
-from engine.incremental.edit_tokenizer import token_count_delta
-from engine.incremental.text_ops import sha1_hex
-from engine.model.base_model import load_tokenizer
-from pipeline.broker_watch import EXIT_BROKER_LOST, BrokerWatch, probe_broker
-from pipeline.consumer_lag import ConsumerLagProbe
-from pipeline.document_sessions import (
+from incstream.engine.incremental.edit_tokenizer import token_count_delta
+from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.engine.model.base_model import load_tokenizer
+from incstream.pipeline.broker_watch import EXIT_BROKER_LOST, BrokerWatch, probe_broker
+from incstream.pipeline.consumer_lag import ConsumerLagProbe
+from incstream.pipeline.document_sessions import (
     BuildCancelled,
     DocumentClassifier,
     DocumentTooLarge,
     Inference,
 )
-from pipeline.memory_budget import release_freed_memory
-from pipeline.metrics import NEAR_BUDGET, WorkerMetrics
-from pipeline.peer_classifiers import classifier_type
-from pipeline.records import dead_letter_key, dead_letter_record, to_bytes, update_record
-from pipeline.settings import Settings
-from pipeline.state_totals import StateTotals
-from pipeline.store_check import is_corruption, mark_damaged, move_aside_damaged
-from pipeline.web_surface import BUILTIN_ROUTES_OFF, WEB_DRIVER_URL, AgentProgress, add_routes
-from state.document import (
+from incstream.pipeline.memory_budget import release_freed_memory
+from incstream.pipeline.metrics import NEAR_BUDGET, WorkerMetrics
+from incstream.pipeline.peer_classifiers import classifier_type
+from incstream.pipeline.records import dead_letter_key, dead_letter_record, to_bytes, update_record
+from incstream.pipeline.settings import Settings
+from incstream.pipeline.state_totals import StateTotals
+from incstream.pipeline.store_check import is_corruption, mark_damaged, move_aside_damaged
+from incstream.pipeline.web_surface import (
+    BUILTIN_ROUTES_OFF,
+    WEB_DRIVER_URL,
+    AgentProgress,
+    add_routes,
+)
+from incstream.state.document import (
     DocumentState,
     StateCodecError,
     StateTooLarge,
@@ -62,8 +67,8 @@ from state.document import (
     decode_state,
     encode_state,
 )
-from state.edit_event import EditEvent, EventRejected, parse_edit_event
-from state.ordering import AppliedRevision, advance
+from incstream.state.edit_event import EditEvent, EventRejected, parse_edit_event
+from incstream.state.ordering import AppliedRevision, advance
 
 log = logging.getLogger("incstream.worker")
 
@@ -532,7 +537,7 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
 def run_worker(settings: Settings) -> None:
     """Run one worker until SIGTERM/SIGINT (Faust's Worker handles the signals; SIGUSR1 logs
     every thread's stack, the inference thread's included, for a worker that looks stuck)."""
-    from pipeline.topics import ensure_topics
+    from incstream.pipeline.topics import ensure_topics
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     release_freed_memory()  # evicted sessions give their pages back (pipeline/memory_budget)

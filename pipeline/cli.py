@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from pipeline.settings import Settings
+from incstream.pipeline.settings import Settings
 
 
 def settings_from(**overrides: Any) -> Settings:
@@ -70,7 +70,7 @@ def worker(**options: Any) -> None:
 
     Stops cleanly on SIGTERM or Ctrl-C.
     """
-    from pipeline.app import run_worker
+    from incstream.pipeline.app import run_worker
 
     run_worker(settings_from(**options))
 
@@ -92,9 +92,9 @@ def produce(
     """Replay a doc-edit/v1 stream (.jsonl or .jsonl.gz) into Kafka, keyed by doc_id."""
     import time
 
-    from pipeline.producer import read_events, replay
-    from pipeline.stream_files import select_events
-    from pipeline.topics import ensure_topics
+    from incstream.pipeline.producer import read_events, replay
+    from incstream.pipeline.stream_files import select_events
+    from incstream.pipeline.topics import ensure_topics
 
     settings = settings_from(broker=broker)
     if create_topics:
@@ -113,7 +113,7 @@ def produce(
 @click.option("--host", default="127.0.0.1", show_default=True)
 def broker(port: int, host: str) -> None:
     """Run the embedded Kafka-compatible broker (tansu, in memory) until Ctrl-C/SIGTERM."""
-    from pipeline.broker import EmbeddedBroker
+    from incstream.pipeline.broker import EmbeddedBroker
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -139,7 +139,7 @@ def broker(port: int, host: str) -> None:
 def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, quiet: bool,
          timeout: float, model: str | None) -> None:
     """Start a local broker and a worker, replay an edit stream, show the updates, stop."""
-    from pipeline.demo import run_demo
+    from incstream.pipeline.demo import run_demo
 
     ok = run_demo(stream=stream, docs=docs, limit=limit, rate=rate, quiet=quiet,
                   timeout_s=timeout, model=model)
@@ -147,10 +147,10 @@ def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, 
 
 
 def _register_subcommands() -> None:
-    from pipeline.cli_bench import bench
-    from pipeline.cli_model import classify_command, eval_command, train_command
-    from pipeline.memory_bench import memory_bench_command
-    from pipeline.pipeline_modes import pipeline_bench_command
+    from incstream.pipeline.cli_bench import bench
+    from incstream.pipeline.cli_model import classify_command, eval_command, train_command
+    from incstream.pipeline.memory_bench import memory_bench_command
+    from incstream.pipeline.pipeline_modes import pipeline_bench_command
 
     bench.add_command(pipeline_bench_command)
     bench.add_command(memory_bench_command)

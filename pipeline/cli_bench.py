@@ -59,8 +59,8 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     re-run): MACs, seconds, bytes per token, divergence from a fresh exact build."""
     import torch
 
-    from engine.benchmarks.bench import render_table, run_bench
-    from engine.incremental.fast_mode import fast_config
+    from incstream.engine.benchmarks.bench import render_table, run_bench
+    from incstream.engine.incremental.fast_mode import fast_config
 
     torch.set_num_threads(threads)
     fast = fast_config(tau=tau, context_tolerance=context_tolerance,
@@ -109,8 +109,8 @@ def engine_batch_cmd(stream: Path, batches: str, rounds: int, matmul: str | None
     for all their changed rows), side by side: seconds per edit and agreement."""
     import torch
 
-    from engine.benchmarks.batching import render_batch_table, run_batch_bench
-    from engine.incremental.fast_mode import fast_config
+    from incstream.engine.benchmarks.batching import render_batch_table, run_batch_bench
+    from incstream.engine.incremental.fast_mode import fast_config
 
     torch.set_num_threads(threads)
     sizes = tuple(int(b) for b in batches.split(",") if b.strip())
@@ -140,7 +140,7 @@ def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, modes: str, 
     """The same edits on a short and a long document: the incremental cost does not grow."""
     import torch
 
-    from engine.benchmarks.bench import edit_cost_vs_length
+    from incstream.engine.benchmarks.bench import edit_cost_vs_length
 
     torch.set_num_threads(threads)
     result = edit_cost_vs_length(tuple(int(x) for x in lengths.split(",")),
@@ -178,8 +178,8 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int,
     peers measured in every replay)."""
     import torch
 
-    from engine.benchmarks.bench import run_bench
-    from engine.incremental.fast_mode import FastModeConfig
+    from incstream.engine.benchmarks.bench import run_bench
+    from incstream.engine.incremental.fast_mode import FastModeConfig
 
     torch.set_num_threads(threads)
     rows = []

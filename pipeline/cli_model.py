@@ -72,7 +72,7 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
     """Train a VQ classifier (codebooks + head, QAT with distillation) and write its bundle."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _threads(threads)
-    from engine.training.train import TrainConfig, train
+    from incstream.engine.training.train import TrainConfig, train
 
     cfg = TrainConfig(
         dataset=dataset, out=str(out) if out else None, k=k, steps=steps,
@@ -121,15 +121,15 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
     _threads(threads)
     import torch
 
-    from engine.model.base_model import load_tokenizer
-    from engine.model.model_bundle import (
+    from incstream.engine.model.base_model import load_tokenizer
+    from incstream.engine.model.model_bundle import (
         DEFAULT_MODEL,
         load_heads,
         load_model_bundle,
         read_manifest,
     )
-    from engine.training.evaluate import evaluate_dataset
-    from engine.training.labelled_datasets import load_dataset
+    from incstream.engine.training.evaluate import evaluate_dataset
+    from incstream.engine.training.labelled_datasets import load_dataset
 
     results = []
     for name in models or (DEFAULT_MODEL,):
@@ -175,9 +175,9 @@ def classify_command(files: tuple[Path, ...], model: str | None, max_doc_tokens:
                      device: str, as_json: bool) -> None:
     """One-shot classification of text files with the VQ model (label and scores)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from engine.model.base_model import load_tokenizer
-    from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
-    from engine.training.evaluate import classify_text
+    from incstream.engine.model.base_model import load_tokenizer
+    from incstream.engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
+    from incstream.engine.training.evaluate import classify_text
 
     vq, manifest = load_model_bundle(model or DEFAULT_MODEL, device=device, with_original=False)
     tok = load_tokenizer(manifest["base_model"])

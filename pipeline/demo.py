@@ -24,13 +24,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.producer import read_events, replay
-from pipeline.settings import Settings
-from pipeline.stream_files import select_events
-from pipeline.topic_reader import TopicReader
-from pipeline.topics import ensure_topics
-from pipeline.worker_process import WorkerProcess
+from incstream.pipeline.broker import EmbeddedBroker
+from incstream.pipeline.producer import read_events, replay
+from incstream.pipeline.settings import Settings
+from incstream.pipeline.stream_files import select_events
+from incstream.pipeline.topic_reader import TopicReader
+from incstream.pipeline.topics import ensure_topics
+from incstream.pipeline.worker_process import WorkerProcess
 
 console = Console(stderr=True)
 SAVINGS_EVERY_S = 3.0  # how often the live compute line is refreshed while updates arrive

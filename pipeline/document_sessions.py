@@ -38,14 +38,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from engine.model.macs import MacCounter
-from pipeline.memory_budget import (
+from incstream.engine.model.macs import MacCounter
+from incstream.pipeline.memory_budget import (
     SessionSizer,
     bytes_per_row,
     resident_bytes,
     sessions_budget,
 )
-from state.ordering import AppliedRevision
+from incstream.state.ordering import AppliedRevision
 
 log = logging.getLogger("incstream.sessions")
 
@@ -176,7 +176,7 @@ def dense_equivalent_macs(chunk_lengths: Sequence[int], cfg: Any) -> int:
     """MACs of re-running the dense ORIGINAL model on a whole document, chunked like the session
     ([CLS] content [SEP] per chunk), counted as engine.benchmarks.bench counts it
     (engine.model.macs)."""
-    from engine.model.macs import dense_chunk_macs
+    from incstream.engine.model.macs import dense_chunk_macs
 
     return sum(dense_chunk_macs(n + 2, layers=cfg.layers, hidden=cfg.hidden, ffn=cfg.ffn,
                                 head_dim=cfg.head_dim) for n in chunk_lengths)
@@ -200,8 +200,8 @@ class DocumentClassifier:
     def __init__(self, model: Any, manifest: dict, tokenizer: Any, cache_bytes: int,
                  metrics: Any | None = None, mode: Any = None,
                  max_document_tokens: int = 0) -> None:
-        from engine.incremental.chunks import ChunkPolicy
-        from engine.incremental.fast_mode import resolve_mode
+        from incstream.engine.incremental.chunks import ChunkPolicy
+        from incstream.engine.incremental.fast_mode import resolve_mode
 
         # "exact" or an engine.incremental.fast_mode.FastModeConfig; None: the bundle's choice,
         # else exact.
@@ -219,7 +219,7 @@ class DocumentClassifier:
         self.records: Any = None  # a state.chunk_record_store.ChunkRecordStore (fast mode)
         self.stop = threading.Event()  # set when the worker stops: abandons a build
         self.max_document_tokens = max_document_tokens
-        from engine.incremental.chunks import max_rows
+        from incstream.engine.incremental.chunks import max_rows
 
         with torch_no_grad():
             warm = self.fresh(self.WARM_UP_TEXT)
@@ -254,8 +254,8 @@ class DocumentClassifier:
         `cache_bytes`."""
         import torch
 
-        from engine.model.base_model import load_tokenizer
-        from engine.model.model_bundle import load_model_bundle
+        from incstream.engine.model.base_model import load_tokenizer
+        from incstream.engine.model.model_bundle import load_model_bundle
 
         if threads:
             torch.set_num_threads(threads)
@@ -302,9 +302,9 @@ class DocumentClassifier:
         instead of a fresh build (which would answer differently: a fast session's state
         depends on its edit history). Exact mode needs none: a fresh build is the same session.
         Returns whether records are kept."""
-        from engine.incremental.fast_mode import FastModeConfig
-        from state.activation_record import mode_tag
-        from state.chunk_record_store import ChunkRecordStore
+        from incstream.engine.incremental.fast_mode import FastModeConfig
+        from incstream.state.activation_record import mode_tag
+        from incstream.state.chunk_record_store import ChunkRecordStore
 
         if not isinstance(self.mode, FastModeConfig):
             return False
@@ -313,7 +313,7 @@ class DocumentClassifier:
 
     def fresh(self, text: str) -> Any:
         """A session built from scratch on `text` (what a cache miss does)."""
-        from engine.incremental.session import DocumentSession
+        from incstream.engine.incremental.session import DocumentSession
 
         return DocumentSession(self.model, self.tokenizer, text, self.policy, mode=self.mode,
                                macs=StoppableMacs(self.stop))
@@ -324,7 +324,7 @@ class DocumentClassifier:
     def _restored(self, doc_id: str, text: str) -> Any | None:
         """The session of `text` as its chunk records left it (chunks without a record are
         built), or None when the document has no record."""
-        from engine.incremental.session import DocumentSession
+        from incstream.engine.incremental.session import DocumentSession
 
         found = self.records.load(doc_id, self._chunk_contents(text))
         if not found:
@@ -345,8 +345,12 @@ class DocumentClassifier:
         return self.records.changes(doc_id, session.chunk_records(), removed)
 
     def _chunk_contents(self, text: str) -> list[tuple[int, ...]]:
-        from engine.incremental.chunks import chunk_lengths, offsets, word_continuation_mask
-        from engine.incremental.edit_tokenizer import tokenize
+        from incstream.engine.incremental.chunks import (
+            chunk_lengths,
+            offsets,
+            word_continuation_mask,
+        )
+        from incstream.engine.incremental.edit_tokenizer import tokenize
 
         ids = tokenize(self.tokenizer, text).ids
         lengths = chunk_lengths(ids, self.policy, word_continuation_mask(self.tokenizer))
@@ -355,7 +359,7 @@ class DocumentClassifier:
 
     def _classify_one(self, doc_id: str, previous_text: str | None,
                       revision: AppliedRevision) -> Inference | DocumentTooLarge:
-        from engine.incremental.edit_tokenizer import token_count_delta
+        from incstream.engine.incremental.edit_tokenizer import token_count_delta
 
         started = time.perf_counter()
         m = self.metrics

@@ -24,13 +24,13 @@ from typing import Any
 
 import click
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.demo import metric_value
-from pipeline.memory_budget import peak_resident_bytes, resident_bytes
-from pipeline.producer import edit_producer, read_events, send_edit
-from pipeline.settings import Settings
-from pipeline.topics import ensure_topics
-from pipeline.worker_process import WorkerProcess
+from incstream.pipeline.broker import EmbeddedBroker
+from incstream.pipeline.demo import metric_value
+from incstream.pipeline.memory_budget import peak_resident_bytes, resident_bytes
+from incstream.pipeline.producer import edit_producer, read_events, send_edit
+from incstream.pipeline.settings import Settings
+from incstream.pipeline.topics import ensure_topics
+from incstream.pipeline.worker_process import WorkerProcess
 
 DEFAULT_STREAM = Path(__file__).resolve().parents[2] / "shared/data/edits/peps-hunks.jsonl.gz"
 BUNDLED_STREAM = Path(__file__).resolve().parent / "data" / "demo-edits.jsonl.gz"
@@ -44,7 +44,7 @@ def snapshot_texts(stream: Path) -> list[str]:
 def text_of_tokens(texts: list[str], tokens: int) -> str:
     """Real text of about `tokens` WordPiece tokens: the stream's snapshots joined (repeated
     when they are too few), cut at a whitespace."""
-    from engine.model.base_model import load_tokenizer
+    from incstream.engine.model.base_model import load_tokenizer
 
     tokenizer = load_tokenizer()
     joined = "\n\n".join(texts)

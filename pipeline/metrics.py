@@ -25,7 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from pipeline.records import DEAD_LETTER_REASONS
+from incstream.pipeline.records import DEAD_LETTER_REASONS
 
 disable_created_metrics()  # no *_created series: they double the scrape for no dashboard use
 

@@ -28,14 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.document_sessions import (
+from incstream.pipeline.document_sessions import (
     DocumentClassifier,
     Inference,
     SessionCache,
     dense_equivalent_macs,
     softmax_scores,
 )
-from state.ordering import AppliedRevision
+from incstream.state.ordering import AppliedRevision
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ChunkCacheClassifier:
 
     def __init__(self, model: Any, manifest: dict, tokenizer: Any, head: Any,
                  cache_bytes: int, metrics: Any | None = None) -> None:
-        from engine.incremental.chunks import ChunkPolicy, word_continuation_mask
+        from incstream.engine.incremental.chunks import ChunkPolicy, word_continuation_mask
 
         # A VQModel loaded with its float32 `original` (the dense encoder), and the dense
         # baseline's head (engine.model.model_bundle.load_heads).
@@ -77,8 +77,8 @@ class ChunkCacheClassifier:
         """As DocumentClassifier.load; `mode` (the engine's) does not apply to a dense peer."""
         import torch
 
-        from engine.model.base_model import load_tokenizer
-        from engine.model.model_bundle import load_heads, load_model_bundle
+        from incstream.engine.model.base_model import load_tokenizer
+        from incstream.engine.model.model_bundle import load_heads, load_model_bundle
 
         if threads:
             torch.set_num_threads(threads)
@@ -99,10 +99,10 @@ class ChunkCacheClassifier:
     def _classify_one(self, doc_id: str, revision: AppliedRevision) -> Inference:
         import torch
 
-        from engine.incremental.chunks import chunk_lengths, offsets
-        from engine.model.head import document_pooled
-        from engine.model.macs import MacCounter
-        from engine.model.minilm import forward_dense
+        from incstream.engine.incremental.chunks import chunk_lengths, offsets
+        from incstream.engine.model.head import document_pooled
+        from incstream.engine.model.macs import MacCounter
+        from incstream.engine.model.minilm import forward_dense
 
         started = time.perf_counter()
         held = None

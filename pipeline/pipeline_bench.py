@@ -38,15 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.changelog_sizes import read_changelogs
-from pipeline.demo import metric_value
-from pipeline.producer import edit_producer, read_events, replay, send_edit
-from pipeline.settings import Settings
-from pipeline.stream_files import select_events
-from pipeline.topic_reader import TopicReader
-from pipeline.topics import ensure_topics
-from pipeline.worker_process import WorkerProcess
+from incstream.pipeline.broker import EmbeddedBroker
+from incstream.pipeline.changelog_sizes import read_changelogs
+from incstream.pipeline.demo import metric_value
+from incstream.pipeline.producer import edit_producer, read_events, replay, send_edit
+from incstream.pipeline.settings import Settings
+from incstream.pipeline.stream_files import select_events
+from incstream.pipeline.topic_reader import TopicReader
+from incstream.pipeline.topics import ensure_topics
+from incstream.pipeline.worker_process import WorkerProcess
 
 PROBE_DOC = "__incstream-bench-probe__"
 LOST_LISTED = 20  # lost revisions listed one by one in the result (all are counted)

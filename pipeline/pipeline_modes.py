@@ -29,7 +29,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.pipeline_bench import Revision, failure_lines, run_pipeline_bench
+from incstream.pipeline.pipeline_bench import Revision, failure_lines, run_pipeline_bench
 
 MODES = ("incremental", "chunk", "dense")
 TEXT_ONLY = "text"

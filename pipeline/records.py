@@ -8,10 +8,10 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from state.ordering import AppliedRevision
+from incstream.state.ordering import AppliedRevision
 
 if TYPE_CHECKING:
-    from pipeline.document_sessions import Inference
+    from incstream.pipeline.document_sessions import Inference
 
 CLASS_SCHEMA = "doc-class/v1"
 DLQ_SCHEMA = "doc-edit-dlq/v1"

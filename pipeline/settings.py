@@ -93,7 +93,7 @@ class Settings(BaseSettings):
 
     def engine(self, bundle_engine: dict | None = None):
         """The engine mode to run: "exact" or an engine.incremental.fast_mode.FastModeConfig."""
-        from engine.incremental.fast_mode import resolve_mode
+        from incstream.engine.incremental.fast_mode import resolve_mode
 
         return resolve_mode(bundle_engine, self.engine_mode, tau=self.fast_tau,
                             context_tolerance=self.fast_context_tolerance,

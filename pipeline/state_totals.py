@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import Iterable
 
-from pipeline.metrics import WorkerMetrics
-from state.document import StateCodecError, decode_state
+from incstream.pipeline.metrics import WorkerMetrics
+from incstream.state.document import StateCodecError, decode_state
 
 log = logging.getLogger("incstream.worker")
 

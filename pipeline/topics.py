@@ -13,7 +13,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from pipeline.settings import Settings
+from incstream.pipeline.settings import Settings
 
 
 def changelog_topic(settings: Settings, table: str | None = None) -> str:

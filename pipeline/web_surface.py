@@ -26,7 +26,7 @@ from faust.web.drivers import DRIVERS
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.metrics import WorkerMetrics
+from incstream.pipeline.metrics import WorkerMetrics
 
 
 class PrivateWeb(AiohttpWeb):

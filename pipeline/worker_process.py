@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.broker import free_port, terminate
+from incstream.pipeline.broker import free_port, terminate
 
 
 @dataclass
@@ -40,7 +40,7 @@ class WorkerProcess:
             self.web_port = free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "pipeline.cli", "worker",
+            sys.executable, "-m", "incstream.pipeline.cli", "worker",
             "--broker", self.broker_url,
             "--data-dir", str(self.data_dir),
             "--web-port", str(self.web_port),

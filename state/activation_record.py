@@ -23,7 +23,7 @@ import struct
 import numpy as np
 import torch
 
-from engine.incremental.chunk_record import ChunkRecord
+from incstream.engine.incremental.chunk_record import ChunkRecord
 
 MAGIC = b"ISA"
 VERSION = 1

@@ -21,8 +21,8 @@ from collections.abc import Iterable, MutableMapping, Sequence
 
 import numpy as np
 
-from engine.incremental.chunk_record import ChunkRecord
-from state.activation_record import (
+from incstream.engine.incremental.chunk_record import ChunkRecord
+from incstream.state.activation_record import (
     ActivationRecordError,
     decode_chunk_record,
     encode_chunk_record,

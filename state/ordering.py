@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.incremental.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
-from state.document import DocumentState
-from state.edit_event import EditEvent, EventRejected, event_from_json, parse_edit_event
+from incstream.engine.incremental.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
+from incstream.state.document import DocumentState
+from incstream.state.edit_event import EditEvent, EventRejected, event_from_json, parse_edit_event
 
 DEFAULT_MAX_HELD = 256
 

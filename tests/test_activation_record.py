@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.incremental.chunk_record import ChunkRecord
-from state.activation_record import (
+from incstream.engine.incremental.chunk_record import ChunkRecord
+from incstream.state.activation_record import (
     ActivationRecordError,
     decode_chunk_record,
     encode_chunk_record,

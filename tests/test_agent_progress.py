@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.web_surface import AgentProgress
+from incstream.pipeline.web_surface import AgentProgress
 
 STALL_S = 0.2
 

@@ -13,13 +13,13 @@ from rocksdict import Options, Rdict
 sys.path.insert(0, str(Path(__file__).parent / "engine"))
 from engine_streams import stream_docs  # noqa: E402
 
-from engine.incremental.chunks import ChunkPolicy  # noqa: E402
-from engine.incremental.fast_mode import FastModeConfig  # noqa: E402
-from engine.incremental.session import DocumentSession  # noqa: E402
-from engine.model.base_model import load_tokenizer  # noqa: E402
-from engine.model.vq_model import VQModel  # noqa: E402
-from state.activation_record import encode_chunk_record, mode_tag  # noqa: E402
-from state.chunk_record_store import ChunkRecordStore, record_key  # noqa: E402
+from incstream.engine.incremental.chunks import ChunkPolicy  # noqa: E402
+from incstream.engine.incremental.fast_mode import FastModeConfig  # noqa: E402
+from incstream.engine.incremental.session import DocumentSession  # noqa: E402
+from incstream.engine.model.base_model import load_tokenizer  # noqa: E402
+from incstream.engine.model.vq_model import VQModel  # noqa: E402
+from incstream.state.activation_record import encode_chunk_record, mode_tag  # noqa: E402
+from incstream.state.chunk_record_store import ChunkRecordStore, record_key  # noqa: E402
 
 
 def test_store_follows_a_typing_history_and_brings_the_session_back(tmp_path):

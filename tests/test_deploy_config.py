@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import generate_latest
 
-from pipeline.metrics import WorkerMetrics
+from incstream.pipeline.metrics import WorkerMetrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 METRIC = re.compile(r"\bincstream_[a-z_]+")
@@ -47,7 +47,7 @@ def test_every_referenced_metric_is_exported():
 
 
 def test_worker_settings_in_k8s_are_real_settings():
-    from pipeline.settings import Settings
+    from incstream.pipeline.settings import Settings
 
     manifest = list(yaml.safe_load_all((DEPLOY / "k8s" / "worker.yaml").read_text()))[0]
     env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -56,7 +56,7 @@ def test_worker_settings_in_k8s_are_real_settings():
 
 
 def test_worker_settings_in_compose_are_real_settings():
-    from pipeline.settings import Settings
+    from incstream.pipeline.settings import Settings
 
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     env = compose["services"]["worker"]["environment"]

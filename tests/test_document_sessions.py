@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.document_sessions import SessionCache, dense_equivalent_macs, softmax_scores
-from pipeline.settings import Settings
+from incstream.pipeline.document_sessions import SessionCache, dense_equivalent_macs, softmax_scores
+from incstream.pipeline.settings import Settings
 
 
 class Fake:
@@ -53,9 +53,9 @@ def test_dense_equivalent_matches_the_engine_mac_counter():
     forward."""
     import torch
 
-    from engine.model.base_model import base_model_path
-    from engine.model.macs import MacCounter
-    from engine.model.minilm import forward_dense, load_minilm
+    from incstream.engine.model.base_model import base_model_path
+    from incstream.engine.model.macs import MacCounter
+    from incstream.engine.model.minilm import forward_dense, load_minilm
 
     torch.set_num_threads(1)
     weights = load_minilm(base_model_path(), torch.float32, "cpu")
@@ -67,7 +67,7 @@ def test_dense_equivalent_matches_the_engine_mac_counter():
 
 
 def test_the_default_model_setting_is_the_default_bundle():
-    from engine.model.model_bundle import DEFAULT_MODEL
+    from incstream.engine.model.model_bundle import DEFAULT_MODEL
 
     assert Settings().model == DEFAULT_MODEL
     assert Settings(model="none").model_enabled is False

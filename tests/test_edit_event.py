@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from state.edit_event import EventRejected, parse_edit_event
+from incstream.state.edit_event import EventRejected, parse_edit_event
 
 
 def test_edit_and_snapshot_parse():

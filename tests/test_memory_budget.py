@@ -6,9 +6,9 @@ from functools import partial
 
 import pytest
 
-from engine.incremental.chunks import ChunkPolicy, chunk_lengths, max_rows
-from pipeline.broker_watch import BrokerWatch
-from pipeline.memory_budget import (
+from incstream.engine.incremental.chunks import ChunkPolicy, chunk_lengths, max_rows
+from incstream.pipeline.broker_watch import BrokerWatch
+from incstream.pipeline.memory_budget import (
     MemoryBudgetTooSmall,
     SessionSizer,
     peak_resident_bytes,

@@ -33,10 +33,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle, read_manifest  # noqa: E402
-from engine.training.dataset_sources import DatasetFilesMissing  # noqa: E402
-from engine.training.evaluate import accuracy, macro_f1  # noqa: E402
-from engine.training.labelled_datasets import LabelledDataset, load_dataset  # noqa: E402
+from incstream.engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle, read_manifest  # noqa: E402
+from incstream.engine.training.dataset_sources import DatasetFilesMissing  # noqa: E402
+from incstream.engine.training.evaluate import accuracy, macro_f1  # noqa: E402
+from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset  # noqa: E402
 
 BUNDLES = (DEFAULT_MODEL, "news-outlets-minilm-vq64")
 RECORD = Path(__file__).parent / "data" / "bundle-test-answers.json"
@@ -55,8 +55,8 @@ def test_default_bundle_is_small_and_diffs_only() -> None:
 
 
 def test_default_bundle_classifies() -> None:
-    from engine.model.base_model import load_tokenizer
-    from engine.training.evaluate import classify_text
+    from incstream.engine.model.base_model import load_tokenizer
+    from incstream.engine.training.evaluate import classify_text
 
     torch.set_num_threads(1)
     model, manifest = load_model_bundle(device="cpu", with_original=False)
@@ -164,11 +164,11 @@ def test_shipped_bundle_answers_a_test_slice_as_recorded(name: str) -> None:
 
 def answer_documents(name: str, texts: list[str]) -> list[tuple[list[float], list[float]]]:
     """(dense logits, VQ logits) of each text, exactly as `incstream eval` computes them."""
-    from engine.incremental.chunks import ChunkPolicy
-    from engine.model.base_model import load_tokenizer
-    from engine.model.model_bundle import load_heads
-    from engine.training.evaluate import dense_logits, vq_logits
-    from engine.training.train_data import chunk_documents
+    from incstream.engine.incremental.chunks import ChunkPolicy
+    from incstream.engine.model.base_model import load_tokenizer
+    from incstream.engine.model.model_bundle import load_heads
+    from incstream.engine.training.evaluate import dense_logits, vq_logits
+    from incstream.engine.training.train_data import chunk_documents
 
     model, manifest = load_model_bundle(name, device="cpu")
     _, dense_head = load_heads(name)

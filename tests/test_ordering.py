@@ -1,9 +1,9 @@
 """Revision ordering: duplicates, gaps, snapshots, rejections (state.ordering)."""
 
-from engine.incremental.text_ops import TextChange, sha1_hex
-from state.document import DocumentState, awaiting_snapshot
-from state.edit_event import EditEvent, parse_edit_event
-from state.ordering import AppliedRevision, advance
+from incstream.engine.incremental.text_ops import TextChange, sha1_hex
+from incstream.state.document import DocumentState, awaiting_snapshot
+from incstream.state.edit_event import EditEvent, parse_edit_event
+from incstream.state.ordering import AppliedRevision, advance
 
 
 def snapshot(rev: int, text: str, doc: str = "d1") -> EditEvent:

@@ -9,15 +9,15 @@ import random
 
 import pytest
 
-from engine.incremental.text_ops import TextChange
-from pipeline.document_sessions import DocumentClassifier, softmax_scores
-from pipeline.metrics import WorkerMetrics
-from pipeline.peer_classifiers import (
+from incstream.engine.incremental.text_ops import TextChange
+from incstream.pipeline.document_sessions import DocumentClassifier, softmax_scores
+from incstream.pipeline.metrics import WorkerMetrics
+from incstream.pipeline.peer_classifiers import (
     ChunkCacheClassifier,
     DenseClassifier,
     classifier_type,
 )
-from state.ordering import AppliedRevision
+from incstream.state.ordering import AppliedRevision
 
 WORDS = ("stream", "worker", "table", "chunk", "edit", "answer", "model", "cache", "broker",
          "record", "partition", "latency", "label", "document", "token", "state")
@@ -47,9 +47,9 @@ def chunk_peer() -> ChunkCacheClassifier:
 
 
 def test_the_peers_answer_as_the_engine_bench_peers(chunk_peer: ChunkCacheClassifier) -> None:
-    from engine.benchmarks.peers import ChunkCache, full_dense
-    from engine.incremental.chunks import chunk_lengths
-    from engine.model.macs import MacCounter
+    from incstream.engine.benchmarks.peers import ChunkCache, full_dense
+    from incstream.engine.incremental.chunks import chunk_lengths
+    from incstream.engine.model.macs import MacCounter
 
     peer = chunk_peer
     dense = DenseClassifier(peer.model, peer.manifest, peer.tokenizer, peer.head, 1 << 30)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.incremental.text_ops import sha1_hex
-from pipeline.pipeline_bench import PROBE_DOC, Tally, summarize
+from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.pipeline.pipeline_bench import PROBE_DOC, Tally, summarize
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "demo-edits.jsonl.gz"
 
@@ -117,8 +117,9 @@ def run_bench(tmp_path: Path, events: list[dict], timeout_s: float,
     out = tmp_path / "result.json"
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "bench", "pipeline", "--stream", str(stream),
-         *modes, "--partitions", "2", "--timeout", str(timeout_s), "--json", str(out)],
+        [sys.executable, "-m", "incstream.pipeline.cli", "bench", "pipeline",
+         "--stream", str(stream), *modes, "--partitions", "2", "--timeout", str(timeout_s),
+         "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     elapsed = time.monotonic() - started
     return proc.returncode, json.loads(out.read_text()), proc.stderr, elapsed

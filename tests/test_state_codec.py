@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from state.document import (
+from incstream.state.document import (
     CODEC_VERSION,
     MAGIC,
     MAX_DECODED_BYTES,

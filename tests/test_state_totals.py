@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from pipeline.metrics import WorkerMetrics
-from pipeline.state_totals import StateTotals
-from state.document import DocumentState, encode_state
+from incstream.pipeline.metrics import WorkerMetrics
+from incstream.pipeline.state_totals import StateTotals
+from incstream.state.document import DocumentState, encode_state
 
 
 def gauges(metrics: WorkerMetrics) -> tuple[float, float, float]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from rocksdict import Options, Rdict
 
-from pipeline.store_check import mark_damaged, move_aside_damaged, store_problem
+from incstream.pipeline.store_check import mark_damaged, move_aside_damaged, store_problem
 
 
 def make_store(path: Path, records: int = 2000) -> None:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.incremental.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
+from incstream.engine.incremental.text_ops import InvalidOps, TextChange, apply_ops, sha1_hex
 
 
 def test_replace_in_the_middle():

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.training.evaluate import edit_history  # noqa: E402
-from engine.training.train import TrainConfig, train  # noqa: E402
+from incstream.engine.training.evaluate import edit_history  # noqa: E402
+from incstream.engine.training.train import TrainConfig, train  # noqa: E402
 
 POS = ["a wonderful, moving film with superb acting", "great fun and a delight to watch",
        "brilliant script, I loved every minute", "charming and beautifully made",
@@ -96,14 +96,14 @@ def test_checkpoint_of_other_settings_is_refused(workdir: Path, trained) -> None
 
 
 def test_bundle_round_trip_same_logits(workdir: Path, trained) -> None:
-    from engine.incremental.chunks import ChunkPolicy
-    from engine.model.base_model import base_model_path, load_tokenizer
-    from engine.model.minilm import load_minilm
-    from engine.model.model_bundle import load_heads, load_model_bundle
-    from engine.training.evaluate import vq_logits
-    from engine.training.train import vq_doc_logits
-    from engine.training.train_data import chunk_documents
-    from engine.training.vq_training import TrainableVQ
+    from incstream.engine.incremental.chunks import ChunkPolicy
+    from incstream.engine.model.base_model import base_model_path, load_tokenizer
+    from incstream.engine.model.minilm import load_minilm
+    from incstream.engine.model.model_bundle import load_heads, load_model_bundle
+    from incstream.engine.training.evaluate import vq_logits
+    from incstream.engine.training.train import vq_doc_logits
+    from incstream.engine.training.train_data import chunk_documents
+    from incstream.engine.training.vq_training import TrainableVQ
 
     model, manifest = load_model_bundle(trained.bundle, device="cpu", with_original=False)
     assert manifest["labels"] == ["negative", "positive"]
@@ -133,7 +133,7 @@ def test_bundle_holds_only_diffs(trained) -> None:
 
 
 def test_eval_and_classify_commands(workdir: Path, trained) -> None:
-    from pipeline.cli_model import classify_command, eval_command
+    from incstream.pipeline.cli_model import classify_command, eval_command
 
     runner = CliRunner()
     out = workdir / "eval.json"
@@ -158,7 +158,7 @@ def test_eval_and_classify_commands(workdir: Path, trained) -> None:
 
 
 def test_edit_history_rebuilds_text() -> None:
-    from engine.incremental.text_ops import apply_ops
+    from incstream.engine.incremental.text_ops import apply_ops
 
     text = "one two three four five six seven eight nine ten"
     first, history = edit_history(text)
@@ -171,7 +171,7 @@ def test_edit_history_rebuilds_text() -> None:
 def test_refit_head_from_bundle(workdir: Path, trained) -> None:
     """--init BUNDLE --steps 0 --refit-head: same codebooks, a logistic VQ head picked on
     validation, and the bundle's history kept in the manifest."""
-    from engine.training.dense_baseline import REFIT_L2_GRID
+    from incstream.engine.training.dense_baseline import REFIT_L2_GRID
 
     cfg = tiny_config(workdir, out=str(workdir / "refit"), init=str(trained.bundle), steps=0,
                       refit_head=True, checkpoint_dir=str(workdir / "refit-ck"))
@@ -194,7 +194,7 @@ def test_refit_head_from_bundle(workdir: Path, trained) -> None:
 
 
 def test_fit_head_picks_on_validation() -> None:
-    from engine.training.dense_baseline import fit_dense_head
+    from incstream.engine.training.dense_baseline import fit_dense_head
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, generator=gen)
@@ -208,12 +208,12 @@ def test_fit_head_picks_on_validation() -> None:
 
 
 def test_vq_vector_cache(workdir: Path, trained) -> None:
-    from engine.incremental.chunks import ChunkPolicy
-    from engine.model.base_model import base_model_path, load_tokenizer
-    from engine.model.minilm import load_minilm
-    from engine.training.train import cached_vq_doc_vectors, vq_doc_vectors
-    from engine.training.train_data import chunk_documents
-    from engine.training.vq_training import TrainableVQ
+    from incstream.engine.incremental.chunks import ChunkPolicy
+    from incstream.engine.model.base_model import base_model_path, load_tokenizer
+    from incstream.engine.model.minilm import load_minilm
+    from incstream.engine.training.train import cached_vq_doc_vectors, vq_doc_vectors
+    from incstream.engine.training.train_data import chunk_documents
+    from incstream.engine.training.vq_training import TrainableVQ
 
     codes = load_file(str(trained.bundle / "codebooks.safetensors"))["codebooks"]
     twin = TrainableVQ(load_minilm(base_model_path(), torch.float32), codes, 2)
@@ -225,7 +225,7 @@ def test_vq_vector_cache(workdir: Path, trained) -> None:
 
 
 def test_eval_chunk_tokens_option(workdir: Path, trained) -> None:
-    from pipeline.cli_model import eval_command
+    from incstream.pipeline.cli_model import eval_command
 
     out = workdir / "eval-chunk.json"
     res = CliRunner().invoke(eval_command, ["--model", str(trained.bundle), "--limit", "4",

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from engine.benchmarks.bench import _quantiles, load_bench_model, read_stream
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.fast_mode import FastModeConfig
-from engine.incremental.session import DocumentSession, apply_ops_batched
-from engine.model.base_model import load_tokenizer
+from incstream.engine.benchmarks.bench import _quantiles, load_bench_model, read_stream
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.fast_mode import FastModeConfig
+from incstream.engine.incremental.session import DocumentSession, apply_ops_batched
+from incstream.engine.model.base_model import load_tokenizer
 
 
 def run_batch_bench(stream: Path, batch_sizes: tuple[int, ...], rounds: int,

@@ -30,16 +30,16 @@ from typing import Any
 
 import torch
 
-from engine.benchmarks.peers import ChunkCache, FreshReference, full_dense
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.edit_tokenizer import tokenize
-from engine.incremental.fast_mode import FastModeConfig
-from engine.incremental.session import DocumentSession
-from engine.incremental.text_ops import sha1_hex
-from engine.model.base_model import DEFAULT_BASE_MODEL, load_tokenizer
-from engine.model.macs import MacCounter, dense_chunk_macs
-from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
-from engine.model.vq_model import VQModel
+from incstream.engine.benchmarks.peers import ChunkCache, FreshReference, full_dense
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.edit_tokenizer import tokenize
+from incstream.engine.incremental.fast_mode import FastModeConfig
+from incstream.engine.incremental.session import DocumentSession
+from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.engine.model.base_model import DEFAULT_BASE_MODEL, load_tokenizer
+from incstream.engine.model.macs import MacCounter, dense_chunk_macs
+from incstream.engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
+from incstream.engine.model.vq_model import VQModel
 
 CONFIDENT_MARGIN = 0.2  # top-two probability gap of a "confident" reference label
 

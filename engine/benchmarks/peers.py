@@ -22,11 +22,16 @@ from typing import Any
 
 import torch
 
-from engine.incremental.chunks import ChunkPolicy, chunk_lengths, offsets, word_continuation_mask
-from engine.model.head import document_pooled
-from engine.model.macs import MacCounter
-from engine.model.minilm import forward_dense, with_matmul_dtype
-from engine.model.vq_model import VQModel
+from incstream.engine.incremental.chunks import (
+    ChunkPolicy,
+    chunk_lengths,
+    offsets,
+    word_continuation_mask,
+)
+from incstream.engine.model.head import document_pooled
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import forward_dense, with_matmul_dtype
+from incstream.engine.model.vq_model import VQModel
 
 
 def _chunk_ids(cls_id: int, sep_id: int, ids: Sequence[int], device) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.incremental.text_ops import TextChange
+from incstream.engine.incremental.text_ops import TextChange
 
 BOUNDARY = frozenset(" \t\n\r")
 

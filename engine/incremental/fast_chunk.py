@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.incremental.chunk_record import ChunkRecord
-from engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
-from engine.model.macs import MacCounter
-from engine.model.minilm import embed, feed_forward_block
+from incstream.engine.incremental.chunk_record import ChunkRecord
+from incstream.engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import embed, feed_forward_block
 
 STORE = torch.float16  # storage dtype of the kept activations; compute is float32
 F32 = torch.float32

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.model.codebooks import Codebooks
-from engine.model.minilm import MiniLMWeights, with_matmul_dtype
+from incstream.engine.model.codebooks import Codebooks
+from incstream.engine.model.minilm import MiniLMWeights, with_matmul_dtype
 
 MAX_POSITIONS = 512
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

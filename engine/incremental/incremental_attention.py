@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model.codebooks import MARGIN_SLACK
-from engine.model.macs import MacCounter
-from engine.model.minilm import feed_forward_block, qkv, softmax_rows
-from engine.model.vq_model import LayerState, VQModel
+from incstream.engine.model.codebooks import MARGIN_SLACK
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import feed_forward_block, qkv, softmax_rows
+from incstream.engine.model.vq_model import LayerState, VQModel
 
 REBASE_MARGIN = 30.0  # new score above the row reference by more than this -> recompute row
 CANCEL_RATIO = 1e-6  # D shrank below this fraction of its old value -> recompute row

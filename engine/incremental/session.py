@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from engine.incremental.chunk_record import ChunkRecord
-from engine.incremental.chunks import (
+from incstream.engine.incremental.chunk_record import ChunkRecord
+from incstream.engine.incremental.chunks import (
     ChunkPolicy,
     chunk_lengths,
     offsets,
     relayout,
     word_continuation_mask,
 )
-from engine.incremental.edit_tokenizer import TokenEdit, apply_text_change, tokenize
-from engine.incremental.fast_chunk import (
+from incstream.engine.incremental.edit_tokenizer import TokenEdit, apply_text_change, tokenize
+from incstream.engine.incremental.fast_chunk import (
     FastChunk,
     FastSplice,
     FastUpdate,
@@ -42,13 +42,13 @@ from engine.incremental.fast_chunk import (
     restore_fast_chunk,
     update_fast_chunks,
 )
-from engine.incremental.fast_mode import FastModeConfig, fast_weights
-from engine.incremental.incremental_attention import update_layer
-from engine.incremental.text_ops import TextChange, apply_ops
-from engine.model.head import document_pooled
-from engine.model.macs import MacCounter
-from engine.model.minilm import embed
-from engine.model.vq_model import ChunkActivations, VQModel
+from incstream.engine.incremental.fast_mode import FastModeConfig, fast_weights
+from incstream.engine.incremental.incremental_attention import update_layer
+from incstream.engine.incremental.text_ops import TextChange, apply_ops
+from incstream.engine.model.head import document_pooled
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import embed
+from incstream.engine.model.vq_model import ChunkActivations, VQModel
 
 
 @dataclass

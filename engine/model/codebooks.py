@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.model.macs import MacCounter
+from incstream.engine.model.macs import MacCounter
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 DEFAULT_BUNDLE = "calibrated-minilm"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.model.macs import MacCounter
+from incstream.engine.model.macs import MacCounter
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.model.base_model import base_model_path
-from engine.model.codebooks import Codebooks, bundle_dir, sha256_file
-from engine.model.device import resolve_device
-from engine.model.head import ClassificationHead
-from engine.model.minilm import load_minilm
-from engine.model.vq_model import VQModel
+from incstream.engine.model.base_model import base_model_path
+from incstream.engine.model.codebooks import Codebooks, bundle_dir, sha256_file
+from incstream.engine.model.device import resolve_device
+from incstream.engine.model.head import ClassificationHead
+from incstream.engine.model.minilm import load_minilm
+from incstream.engine.model.vq_model import VQModel
 
 FORMAT = "incstream-model/v1"
 DEFAULT_MODEL = "polarity-minilm-vq64"

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path
-from engine.model.codebooks import DEFAULT_BUNDLE, Codebooks, load_bundle, sha256_file
-from engine.model.device import resolve_device
-from engine.model.head import ClassificationHead
-from engine.model.macs import MacCounter
-from engine.model.minilm import (
+from incstream.engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path
+from incstream.engine.model.codebooks import DEFAULT_BUNDLE, Codebooks, load_bundle, sha256_file
+from incstream.engine.model.device import resolve_device
+from incstream.engine.model.head import ClassificationHead
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import (
     MiniLMWeights,
     embed,
     feed_forward_block,

@@ -4,7 +4,8 @@ Layer by layer: the contexts of layer l are collected with layers < l already qu
 the VQ model will actually see), k-means'd per head, rounded to float32 (the shipped precision)
 and then used to produce layer l's output for layer l+1. Run once, offline:
 
-    python -m engine.training.calibrate --stream ../shared/data/edits/peps-hunks.jsonl.gz --out DIR
+    python -m incstream.engine.training.calibrate \
+        --stream ../shared/data/edits/peps-hunks.jsonl.gz --out DIR
 
 Why K = 64 by default: DESIGN §2 measured that fewer codes keep more positions stable under an
 edit (32 codes: 16% of positions changed at layer 1, 256 codes: 27%) while fidelity moves little
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from engine.incremental.incremental_attention import softmax_rows
-from engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
-from engine.model.codebooks import (
+from incstream.engine.incremental.incremental_attention import softmax_rows
+from incstream.engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
+from incstream.engine.model.codebooks import (
     BUNDLES_DIR,
     DEFAULT_BUNDLE,
     Codebooks,
@@ -33,10 +34,10 @@ from engine.model.codebooks import (
     save_bundle,
     sha256_file,
 )
-from engine.model.head import ClassificationHead
-from engine.model.macs import MacCounter
-from engine.model.minilm import embed, load_minilm, qkv
-from engine.model.vq_model import VQModel
+from incstream.engine.model.head import ClassificationHead
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import embed, load_minilm, qkv
+from incstream.engine.model.vq_model import VQModel
 
 
 def snapshot_texts(stream: Path, limit: int, from_end: bool = True) -> list[str]:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         "k": args.k,
         "layers": codes.shape[0], "heads": codes.shape[1], "head_dim": codes.shape[3],
         "placement": "attention context softmax(QK^T/sqrt(d))V per head, before W_o",
-        "made_by": "engine.training.calibrate: layer-by-layer k-means (k-means++ init, "
+        "made_by": "incstream.engine.training.calibrate: layer-by-layer k-means (k-means++ init, "
                    f"{args.iters} Lloyd iterations, float64) on contexts with earlier layers "
                    "quantized; rounded to float32",
         "data": f"snapshots of the last {args.docs} documents of {args.stream.name}, "

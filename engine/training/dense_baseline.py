@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.model.head import document_pooled
-from engine.model.minilm import MiniLMWeights, forward_dense
-from engine.training.train_data import DocChunks
+from incstream.engine.model.head import document_pooled
+from incstream.engine.model.minilm import MiniLMWeights, forward_dense
+from incstream.engine.training.train_data import DocChunks
 
 CACHE_DIR = Path(".incstream/cache/dense")
 L2_GRID = (1e-4, 1e-3, 1e-2)

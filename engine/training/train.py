@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
-from engine.model.codebooks import BUNDLES_DIR, load_bundle
-from engine.model.device import resolve_device
-from engine.model.minilm import load_minilm
-from engine.model.model_bundle import load_heads, read_manifest, save_model_bundle
-from engine.training.calibrate import calibrate
-from engine.training.dense_baseline import (
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
+from incstream.engine.model.codebooks import BUNDLES_DIR, load_bundle
+from incstream.engine.model.device import resolve_device
+from incstream.engine.model.minilm import load_minilm
+from incstream.engine.model.model_bundle import load_heads, read_manifest, save_model_bundle
+from incstream.engine.training.calibrate import calibrate
+from incstream.engine.training.dense_baseline import (
     CACHE_DIR,
     L2_GRID,
     REFIT_L2_GRID,
@@ -48,9 +48,9 @@ from engine.training.dense_baseline import (
     cached_vectors,
     fit_dense_head,
 )
-from engine.training.labelled_datasets import LabelledDataset, load_dataset
-from engine.training.train_data import DocChunks, chunk_documents, pad_chunks
-from engine.training.vq_training import TrainableVQ, distillation_kl, document_pool
+from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset
+from incstream.engine.training.train_data import DocChunks, chunk_documents, pad_chunks
+from incstream.engine.training.vq_training import TrainableVQ, distillation_kl, document_pool
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.incremental.chunks import ChunkPolicy, chunk_lengths, word_continuation_mask
-from engine.incremental.edit_tokenizer import tokenize
+from incstream.engine.incremental.chunks import ChunkPolicy, chunk_lengths, word_continuation_mask
+from incstream.engine.incremental.edit_tokenizer import tokenize
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.macs import MacCounter
-from engine.model.minilm import MiniLMWeights, embed, feed_forward_block
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import MiniLMWeights, embed, feed_forward_block
 
 
 @dataclass

@@ -11,13 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from engine.model.base_model import load_tokenizer
+    from incstream.engine.model.base_model import load_tokenizer
 
     return load_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def model():
-    from engine.model.vq_model import VQModel
+    from incstream.engine.model.vq_model import VQModel
 
     return VQModel.load(device="cpu")

@@ -17,7 +17,7 @@ def stream_docs(name: str, docs: int) -> list[tuple[str, str, list[dict]]]:
     path = DATA / name
     if not path.exists():
         pytest.skip(f"{path} not available")
-    from engine.benchmarks.bench import read_stream
+    from incstream.engine.benchmarks.bench import read_stream
 
     return list(read_stream(path, docs))
 

@@ -8,9 +8,9 @@ import torch
 from engine_streams import stream_docs
 from exactness import assert_exact
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.fast_mode import FastModeConfig
-from engine.incremental.session import DocumentSession, apply_ops_batched
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.fast_mode import FastModeConfig
+from incstream.engine.incremental.session import DocumentSession, apply_ops_batched
 
 POLICY = ChunkPolicy(max_tokens=128)
 

@@ -6,8 +6,8 @@ import json
 
 from click.testing import CliRunner
 
-from engine.incremental.text_ops import sha1_hex
-from pipeline.cli_bench import bench
+from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.pipeline.cli_bench import bench
 
 
 def test_bench_engine_cli(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from engine.incremental.chunks import ChunkPolicy, chunk_lengths, cut_candidates, offsets
+from incstream.engine.incremental.chunks import ChunkPolicy, chunk_lengths, cut_candidates, offsets
 
 
 def random_ids(n: int, seed: int) -> list[int]:
@@ -53,7 +53,7 @@ def test_relayout_equals_a_fresh_cut_after_random_edits(tokenizer):
     """The session re-cuts only around an edit (engine.incremental.chunks.relayout); the result
     must be the
     layout a fresh cut of all tokens gets, for edits of every size, anywhere, in any text."""
-    from engine.incremental.chunks import relayout, word_continuation_mask
+    from incstream.engine.incremental.chunks import relayout, word_continuation_mask
 
     cw = word_continuation_mask(tokenizer)
     rng = random.Random(7)

@@ -13,10 +13,10 @@ import torch
 from engine_streams import stream_docs
 from exactness import TOL, assert_exact
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.fast_mode import FastModeConfig
-from engine.incremental.session import DocumentSession
-from state.activation_record import decode_chunk_record, encode_chunk_record, mode_tag
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.fast_mode import FastModeConfig
+from incstream.engine.incremental.session import DocumentSession
+from incstream.state.activation_record import decode_chunk_record, encode_chunk_record, mode_tag
 
 POLICY = ChunkPolicy(max_tokens=256)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.base_model import base_model_path
-from engine.model.codebooks import Codebooks, kmeans, load_bundle, sha256_file
-from engine.model.macs import MacCounter
+from incstream.engine.model.base_model import base_model_path
+from incstream.engine.model.codebooks import Codebooks, kmeans, load_bundle, sha256_file
+from incstream.engine.model.macs import MacCounter
 
 
 def test_bundle_matches_base_model():

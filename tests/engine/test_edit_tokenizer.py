@@ -9,14 +9,14 @@ from engine_streams import read_events, stream_docs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.incremental.edit_tokenizer import (
+from incstream.engine.incremental.edit_tokenizer import (
     BOUNDARY,
     TokenizedText,
     apply_text_change,
     token_count_delta,
     tokenize,
 )
-from engine.incremental.text_ops import TextChange, apply_ops
+from incstream.engine.incremental.text_ops import TextChange, apply_ops
 
 # Besides ASCII: accents (stripped by the normalizer), CJK (split per character), control
 # characters (deleted: they glue neighbours), and Unicode spaces that are not our boundaries.

@@ -12,11 +12,11 @@ import pytest
 import torch
 from engine_streams import stream_docs
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.fast_chunk import stable_positions
-from engine.incremental.fast_mode import FastModeConfig, resolve_mode
-from engine.incremental.session import DocumentSession
-from engine.model.macs import dense_chunk_macs
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.fast_chunk import stable_positions
+from incstream.engine.incremental.fast_mode import FastModeConfig, resolve_mode
+from incstream.engine.incremental.session import DocumentSession
+from incstream.engine.model.macs import dense_chunk_macs
 
 TEXT = ("Abstract\n========\n\nThis PEP proposes a backwards compatible mechanism that allows "
         "__enter__() methods to skip the body of the associated with statement. The lack of "
@@ -147,7 +147,7 @@ def test_bfloat16_matmuls_stay_close_to_float32_and_update_like_a_build(model, t
 def test_real_typing_history_divergence_is_bounded(model, tokenizer):
     """Every event of a real typed PEP history: after each edit, the fast session's answer is
     compared with a fresh exact build of the same text (the bench measures the same)."""
-    from engine.benchmarks.peers import FreshReference
+    from incstream.engine.benchmarks.peers import FreshReference
 
     (_, snapshot, events), = stream_docs("peps-typing.jsonl.gz", 1)
     policy = ChunkPolicy()

@@ -8,8 +8,8 @@ import torch
 from engine_streams import stream_docs
 from exactness import assert_exact
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.session import DocumentSession
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.session import DocumentSession
 
 
 def assert_same_as_fresh(session: DocumentSession) -> None:

@@ -22,9 +22,9 @@ import pytest
 import torch
 from exactness import assert_exact
 
-from engine.incremental import chunks as chunks_mod
-from engine.incremental import session as session_mod
-from engine.incremental.chunks import (
+from incstream.engine.incremental import chunks as chunks_mod
+from incstream.engine.incremental import session as session_mod
+from incstream.engine.incremental.chunks import (
     _MIX,
     _PRIME,
     ChunkPolicy,
@@ -37,21 +37,25 @@ from engine.incremental.chunks import (
     window_scores,
     word_continuation_mask,
 )
-from engine.incremental.edit_tokenizer import TokenEdit
-from engine.incremental.fast_mode import FastModeConfig
-from engine.incremental.incremental_attention import CANCEL_RATIO, REBASE_MARGIN, update_layer
-from engine.incremental.session import (
+from incstream.engine.incremental.edit_tokenizer import TokenEdit
+from incstream.engine.incremental.fast_mode import FastModeConfig
+from incstream.engine.incremental.incremental_attention import (
+    CANCEL_RATIO,
+    REBASE_MARGIN,
+    update_layer,
+)
+from incstream.engine.incremental.session import (
     ChunkUpdate,
     DocumentSession,
     ExactChunks,
     common_ends,
     update_chunk,
 )
-from engine.model.codebooks import MARGIN_SLACK, Codebooks
-from engine.model.head import ClassificationHead
-from engine.model.macs import MacCounter
-from engine.model.minilm import MiniLMConfig, random_minilm
-from engine.model.vq_model import ChunkActivations, LayerState, VQModel
+from incstream.engine.model.codebooks import MARGIN_SLACK, Codebooks
+from incstream.engine.model.head import ClassificationHead
+from incstream.engine.model.macs import MacCounter
+from incstream.engine.model.minilm import MiniLMConfig, random_minilm
+from incstream.engine.model.vq_model import ChunkActivations, LayerState, VQModel
 
 CLS, SEP = 101, 102
 

@@ -13,12 +13,12 @@ from exactness import assert_exact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.session import DocumentSession
-from engine.model.codebooks import Codebooks
-from engine.model.head import ClassificationHead
-from engine.model.minilm import MiniLMConfig, random_minilm
-from engine.model.vq_model import VQModel
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.session import DocumentSession
+from incstream.engine.model.codebooks import Codebooks
+from incstream.engine.model.head import ClassificationHead
+from incstream.engine.model.minilm import MiniLMConfig, random_minilm
+from incstream.engine.model.vq_model import VQModel
 
 WORDS = st.sampled_from(["alpha", "beta", " ", "\n", ".", "gamma", "x", "incremental", "é",
                          "(", ")", "42", "the", "of"])

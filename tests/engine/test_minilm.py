@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.base_model import base_model_path
-from engine.model.macs import MacCounter, dense_chunk_macs
-from engine.model.minilm import forward_dense
+from incstream.engine.model.base_model import base_model_path
+from incstream.engine.model.macs import MacCounter, dense_chunk_macs
+from incstream.engine.model.minilm import forward_dense
 
 
 def test_dense_original_matches_transformers(model, tokenizer):

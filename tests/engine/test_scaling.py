@@ -10,13 +10,13 @@ import pytest
 import torch
 from exactness import assert_exact
 
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.session import DocumentSession
-from engine.model.codebooks import Codebooks
-from engine.model.head import ClassificationHead
-from engine.model.macs import dense_chunk_macs
-from engine.model.minilm import MiniLMConfig, random_minilm
-from engine.model.vq_model import VQModel
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.session import DocumentSession
+from incstream.engine.model.codebooks import Codebooks
+from incstream.engine.model.head import ClassificationHead
+from incstream.engine.model.macs import dense_chunk_macs
+from incstream.engine.model.minilm import MiniLMConfig, random_minilm
+from incstream.engine.model.vq_model import VQModel
 
 
 def tiny_model() -> VQModel:

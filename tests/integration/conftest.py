@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from answers import FreshAnswer
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.settings import Settings
-from pipeline.topics import ensure_topics
-from pipeline.worker_process import WorkerProcess
+from incstream.pipeline.broker import EmbeddedBroker
+from incstream.pipeline.settings import Settings
+from incstream.pipeline.topics import ensure_topics
+from incstream.pipeline.worker_process import WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_HUNKS = REPO.parent / "shared" / "data" / "edits" / "peps-hunks.jsonl.gz"
@@ -98,10 +98,10 @@ def fresh_session() -> Callable[[str], object]:
     (1 torch thread): what a worker's cache miss builds."""
     import torch
 
-    from engine.incremental.chunks import ChunkPolicy
-    from engine.incremental.session import DocumentSession
-    from engine.model.base_model import load_tokenizer
-    from engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
+    from incstream.engine.incremental.chunks import ChunkPolicy
+    from incstream.engine.incremental.session import DocumentSession
+    from incstream.engine.model.base_model import load_tokenizer
+    from incstream.engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
 
     torch.set_num_threads(1)
     model, manifest = load_model_bundle(DEFAULT_MODEL, device="cpu", with_original=False)
@@ -145,7 +145,7 @@ def deployment(make_deployment, tmp_path_factory, request):
 @pytest.fixture(scope="module")
 def reader(deployment):
     """A reader of the module deployment's update and dead-letter topics."""
-    from pipeline.topic_reader import TopicReader
+    from incstream.pipeline.topic_reader import TopicReader
 
     s = deployment.settings
     reader = TopicReader(deployment.broker.bootstrap, [s.classes_topic, s.dlq_topic]).start()

@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.incremental.text_ops import apply_ops, sha1_hex
+from incstream.engine.incremental.text_ops import apply_ops, sha1_hex
 
 SCHEMA = "doc-edit/v1"
 WORDS = ["the", "quick", "brown", "fox", "café", "naïve", "😀", "über", "jumps", "over",

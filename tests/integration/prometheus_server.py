@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.broker import free_port, terminate
+from incstream.pipeline.broker import free_port, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"

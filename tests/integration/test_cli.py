@@ -12,8 +12,8 @@ pytestmark = pytest.mark.integration
 
 
 def incstream(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "incstream.pipeline.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_lists_the_subcommands():

@@ -23,8 +23,8 @@ from prom import metric_by, samples
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import REPO, PrometheusServer, binary, rules_with_short_for
 
-from pipeline.producer import read_events, replay
-from pipeline.stream_files import select_events
+from incstream.pipeline.producer import read_events, replay
+from incstream.pipeline.stream_files import select_events
 
 pytestmark = pytest.mark.integration
 

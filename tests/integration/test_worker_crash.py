@@ -27,10 +27,10 @@ from answers import assert_same_answer
 from kafka_tools import committed_offsets
 from prom import metric, samples
 
-from engine.incremental.text_ops import apply_ops, sha1_hex
-from pipeline.producer import read_events, replay
-from pipeline.stream_files import select_events
-from pipeline.topic_reader import TopicReader
+from incstream.engine.incremental.text_ops import apply_ops, sha1_hex
+from incstream.pipeline.producer import read_events, replay
+from incstream.pipeline.stream_files import select_events
+from incstream.pipeline.topic_reader import TopicReader
 
 pytestmark = pytest.mark.integration
 

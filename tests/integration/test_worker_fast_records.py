@@ -11,12 +11,12 @@ import pytest
 import torch
 from prom import metric
 
-from engine.benchmarks.bench import read_stream
-from engine.incremental.chunks import ChunkPolicy
-from engine.incremental.fast_mode import FastModeConfig
-from engine.incremental.session import DocumentSession
-from pipeline.producer import replay
-from pipeline.topic_reader import TopicReader
+from incstream.engine.benchmarks.bench import read_stream
+from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.fast_mode import FastModeConfig
+from incstream.engine.incremental.session import DocumentSession
+from incstream.pipeline.producer import replay
+from incstream.pipeline.topic_reader import TopicReader
 
 pytestmark = pytest.mark.integration
 

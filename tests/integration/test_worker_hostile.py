@@ -29,12 +29,16 @@ from kafka_tools import produce_many, produce_raw
 from prom import metric, metric_by
 from rocksdict import Options, Rdict
 
-from engine.incremental.text_ops import apply_ops, sha1_hex
-from pipeline.app import EXIT_STORE_DAMAGED
-from pipeline.records import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_REASONS, EVENT_EXCERPT_CHARS
-from pipeline.topic_reader import TopicReader
-from pipeline.topics import changelog_topic
-from state.document import CODEC_VERSION, MAGIC
+from incstream.engine.incremental.text_ops import apply_ops, sha1_hex
+from incstream.pipeline.app import EXIT_STORE_DAMAGED
+from incstream.pipeline.records import (
+    DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_REASONS,
+    EVENT_EXCERPT_CHARS,
+)
+from incstream.pipeline.topic_reader import TopicReader
+from incstream.pipeline.topics import changelog_topic
+from incstream.state.document import CODEC_VERSION, MAGIC
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ from answers import assert_same_answer
 from kafka_tools import committed_offsets, produce_raw, read_all
 from prom import metric, metric_by, wait_metric
 
-from engine.incremental.text_ops import sha1_hex
-from pipeline.topic_reader import TopicReader
-from state.document import DocumentState, encode_state
+from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.pipeline.topic_reader import TopicReader
+from incstream.state.document import DocumentState, encode_state
 
 pytestmark = pytest.mark.integration
 

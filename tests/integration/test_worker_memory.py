@@ -26,15 +26,15 @@ from answers import assert_same_answer
 from kafka_tools import produce_raw
 from prom import metric
 
-from engine.incremental.text_ops import sha1_hex
-from pipeline.broker import EmbeddedBroker
-from pipeline.broker_watch import EXIT_BROKER_LOST
-from pipeline.memory_budget import peak_resident_bytes, resident_bytes
-from pipeline.producer import read_events
-from pipeline.settings import Settings
-from pipeline.topic_reader import TopicReader
-from pipeline.topics import ensure_topics
-from pipeline.worker_process import WorkerProcess
+from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.pipeline.broker import EmbeddedBroker
+from incstream.pipeline.broker_watch import EXIT_BROKER_LOST
+from incstream.pipeline.memory_budget import peak_resident_bytes, resident_bytes
+from incstream.pipeline.producer import read_events
+from incstream.pipeline.settings import Settings
+from incstream.pipeline.topic_reader import TopicReader
+from incstream.pipeline.topics import ensure_topics
+from incstream.pipeline.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ GRACE_S = 30.0  # deploy/k8s/worker.yaml terminationGracePeriodSeconds
 @pytest.fixture(scope="module")
 def pep_text(demo_stream: Path):
     """pep_text(tokens) -> real text of at least that many tokens (PEP snapshots, repeated)."""
-    from engine.model.base_model import load_tokenizer
+    from incstream.engine.model.base_model import load_tokenizer
 
     snapshots = [e["snapshot"] for e in read_events(demo_stream) if "snapshot" in e]
     tokenizer = load_tokenizer()

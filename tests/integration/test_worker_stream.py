@@ -25,14 +25,14 @@ from answers import assert_same_answer
 from kafka_tools import latest_values, produce_raw, read_all
 from prom import metric, metric_by, samples, wait_metric
 
-from engine.incremental.text_ops import apply_ops, sha1_hex
-from engine.model.base_model import load_tokenizer
-from pipeline.producer import read_events, replay
-from pipeline.records import DEAD_LETTER_REASONS
-from pipeline.stream_files import select_events
-from pipeline.topic_reader import TopicReader
-from pipeline.topics import changelog_topic
-from state.document import decode_state
+from incstream.engine.incremental.text_ops import apply_ops, sha1_hex
+from incstream.engine.model.base_model import load_tokenizer
+from incstream.pipeline.producer import read_events, replay
+from incstream.pipeline.records import DEAD_LETTER_REASONS
+from incstream.pipeline.stream_files import select_events
+from incstream.pipeline.topic_reader import TopicReader
+from incstream.pipeline.topics import changelog_topic
+from incstream.state.document import decode_state
 
 pytestmark = pytest.mark.integration
 

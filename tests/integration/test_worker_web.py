@@ -21,8 +21,8 @@ import pytest
 from kafka_tools import produce_raw
 from prom import metric
 
-from pipeline.topic_reader import TopicReader
-from state.document import MAGIC
+from incstream.pipeline.topic_reader import TopicReader
+from incstream.state.document import MAGIC
 
 pytestmark = pytest.mark.integration
 
