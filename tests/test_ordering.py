@@ -224,6 +224,10 @@ def test_a_document_awaiting_a_snapshot_dead_letters_edits_and_any_snapshot_rest
         d = advance(reset, insert_at_end("", rev, "x"))
         assert d.outcome == "dlq" and not d.state_changed and d.state == reset
         assert [r.reason for r in d.rejected] == ["awaiting_snapshot"]
+        (rejection,) = d.rejected
+        assert rejection.message == ("this document's stored state was unreadable and has been "
+                                     "reset; it needs a snapshot before edits can apply")
+        assert rejection.event == insert_at_end("", rev, "x").to_json()
     d = advance(reset, snapshot(5, "back"))
     assert d.outcome == "ok" and d.state.rev == 5 and d.state.text == "back"
     assert not d.state.needs_snapshot and not d.state.awaits_snapshot
