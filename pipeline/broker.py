@@ -83,13 +83,17 @@ class EmbeddedBroker:
 
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free one
+    # The address clients are told to connect to (Kafka metadata). Clients bootstrap on any
+    # address, then reconnect to this one: a broker bound to 0.0.0.0 in a container must
+    # advertise a name the other containers resolve (compose: its service name).
+    advertised_host: str | None = None
     log_path: Path | None = None
     startup_timeout_s: float = 30.0
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.advertised_host or self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -101,13 +105,14 @@ class EmbeddedBroker:
         if not self.port:
             self.port = free_port(self.host)
         listener = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.bootstrap}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [
                 str(tansu_binary()),
                 "broker",
                 "--listener-url", listener,
-                "--advertised-listener-url", listener,
+                "--advertised-listener-url", advertised,
                 "--storage-engine", "memory://tansu/",
             ],
             stdout=log,

@@ -110,14 +110,17 @@ def produce(
 
 @cli.command()
 @click.option("--port", type=int, default=9092, show_default=True, help="0 = any free port")
-@click.option("--host", default="127.0.0.1", show_default=True)
-def broker(port: int, host: str) -> None:
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--advertised-host", default=None,
+              help="address clients are told to connect to (default: --host); in a container "
+                   "that listens on 0.0.0.0, a name the clients resolve, e.g. compose's service")
+def broker(port: int, host: str, advertised_host: str | None) -> None:
     """Run the embedded Kafka-compatible broker (tansu, in memory) until Ctrl-C/SIGTERM."""
     from incstream.pipeline.broker import EmbeddedBroker
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with EmbeddedBroker(host=host, port=port) as running:
+    with EmbeddedBroker(host=host, port=port, advertised_host=advertised_host) as running:
         click.echo(f"broker ready: {running.url} (kafka-python bootstrap {running.bootstrap})")
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()

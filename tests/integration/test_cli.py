@@ -57,3 +57,20 @@ def test_produce_replays_a_stream_keyed_by_doc_id(broker, hunks_stream):
     consumer.close()
     assert len(keys) > 10 and len(set(keys)) == 2
     assert f"sent {len(keys)} events" in result.stderr
+
+
+def test_the_broker_advertises_the_address_clients_can_reach():
+    """Compose runs the broker on 0.0.0.0; clients must be told a name they can connect to,
+    not 0.0.0.0 (a worker container would then connect to itself)."""
+    from kafka import KafkaAdminClient
+
+    from incstream.pipeline.broker import EmbeddedBroker
+
+    with EmbeddedBroker(host="0.0.0.0", advertised_host="localhost") as running:
+        assert running.bootstrap.startswith("localhost:")
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{running.port}")
+        try:
+            brokers = admin.describe_cluster()["brokers"]
+        finally:
+            admin.close()
+    assert [(b["host"], b["port"]) for b in brokers] == [("localhost", running.port)]
