@@ -537,11 +537,14 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
 def run_worker(settings: Settings) -> None:
     """Run one worker until SIGTERM/SIGINT (Faust's Worker handles the signals; SIGUSR1 logs
     every thread's stack, the inference thread's included, for a worker that looks stuck)."""
+    from incstream.pipeline.log_format import logging_config
     from incstream.pipeline.topics import ensure_topics
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     release_freed_memory()  # evicted sessions give their pages back (pipeline/memory_budget)
     ensure_topics(settings)
     app = build_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level)
+    # JSON logs: no startup banner either (Faust prints it outside logging).
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=settings.log_format == "json",
+                          logging_config=logging_config(settings.log_format, settings.log_level))
     worker.execute_from_commandline()

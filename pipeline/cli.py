@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from incstream.pipeline.settings import Settings
+from incstream.pipeline.settings import Settings, UnknownVariablesError, check_environment
 
 
 def settings_from(**overrides: Any) -> Settings:
@@ -23,8 +23,13 @@ def settings_from(**overrides: Any) -> Settings:
 def cli() -> None:
     """incstream: keep a document classifier's answer current while documents are edited.
 
-    Every option also reads an INCSTREAM_<NAME> environment variable (e.g. INCSTREAM_BROKER).
+    Every option also reads an INCSTREAM_<NAME> environment variable (e.g. INCSTREAM_BROKER);
+    an INCSTREAM_* variable that names no setting is an error, not ignored.
     """
+    try:
+        check_environment()
+    except UnknownVariablesError as error:
+        raise click.ClickException(str(error)) from None
 
 
 @cli.command()
@@ -65,6 +70,8 @@ def cli() -> None:
 @click.option("--matmul", "fast_matmul", type=click.Choice(["float32", "bfloat16"]),
               help="fast mode: dtype of the linear layers' matmuls [INCSTREAM_FAST_MATMUL]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="text (default) or json: one JSON object a line [INCSTREAM_LOG_FORMAT]")
 def worker(**options: Any) -> None:
     """Run a stream worker: doc-edits in, doc-classes out, state in RocksDB.
 

@@ -5,14 +5,31 @@ CLI options override the environment, which overrides these defaults.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "INCSTREAM_"
+# INCSTREAM_* variables that are not settings but are read elsewhere; everything else with the
+# prefix must name a setting (check_environment), so that a misspelt one is not ignored.
+OTHER_VARIABLES = frozenset({
+    "INCSTREAM_HOME",  # the user data directory (datasets, trained bundles), when set
+    "INCSTREAM_DATASETS_DIR",  # engine/training/dataset_sources.py: the labelled data cache
+    "INCSTREAM_FETCH_DATASETS",  # tests/test_datasets.py: fetch missing data first
+    "INCSTREAM_NO_SKIPS",  # tests/conftest.py: a skipped test fails (as CI=true)
+    # pipeline/app.py's fault hooks, armed by the integration tests only.
+    "INCSTREAM_TEST_CRASH_AFTER_PUBLISH",
+    "INCSTREAM_TEST_FAIL_BEFORE_PUBLISH",
+    "INCSTREAM_TEST_STALL_AT",
+})
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INCSTREAM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # Where Kafka is. Faust form; a bare HOST:PORT is accepted too.
     broker: str = "kafka://127.0.0.1:9092"
@@ -56,6 +73,9 @@ class Settings(BaseSettings):
     session_timeout_s: float = 10.0
     heartbeat_interval_s: float = 2.0
     log_level: str = "info"
+    # "json": one JSON object a line on stderr (time, level, logger, message, exception) for a
+    # log pipeline; "text": Faust's coloured lines (pipeline/log_format.py).
+    log_format: Literal["text", "json"] = "text"
     # The classifier: a model bundle name (engine/bundles/) or directory; "none" runs text
     # only (label and scores null). The default is engine.model.model_bundle.DEFAULT_MODEL.
     model: str = "polarity-minilm-vq64"
@@ -115,3 +135,35 @@ class Settings(BaseSettings):
     @property
     def faust_broker(self) -> str:
         return self.broker if "://" in self.broker else f"kafka://{self.broker}"
+
+
+class UnknownVariablesError(ValueError):
+    """INCSTREAM_* environment variables that name no setting (a typo would be ignored)."""
+
+
+def known_variables() -> set[str]:
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Raise UnknownVariablesError naming every INCSTREAM_* variable that is neither a setting
+    nor in OTHER_VARIABLES, each with the closest known name. Names compare upper-cased, as
+    pydantic-settings reads them."""
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    unknown = sorted(name for name in environ
+                     if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
+    if not unknown:
+        return
+    # Compared without the prefix, which every name shares and would make anything look close.
+    suffixes = sorted(name.removeprefix(ENV_PREFIX) for name in known)
+    described = []
+    for name in unknown:
+        closest = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), suffixes,
+                                            n=1, cutoff=0.6)
+        described.append(f"{name} (did you mean {ENV_PREFIX}{closest[0]}?)" if closest else name)
+    plural = len(unknown) > 1
+    raise UnknownVariablesError(
+        f"unknown environment variable{'s' if plural else ''}: {', '.join(described)}. "
+        "Settings are INCSTREAM_<NAME> for the fields of pipeline/settings.py (README, "
+        f"Configuration); rename or unset {'them' if plural else 'it'}.")

@@ -130,7 +130,8 @@ def test_ready_waits_for_recovery_and_the_recovered_state_is_counted(
     stored_bytes = metric(first, "incstream_state_bytes")
     code, _ = worker_with_documents.stop()
     assert code == 0
-    worker = deployment.worker(data_dir=tmp_path / "empty", name="second", model="none").start()
+    worker = deployment.worker(data_dir=tmp_path / "empty", name="second", model="none",
+                               env={"INCSTREAM_LOG_FORMAT": "json"}).start()
     try:
         worker.wait_serving()
         answers = []
@@ -165,4 +166,9 @@ def test_ready_waits_for_recovery_and_the_recovered_state_is_counted(
         assert metric(page, "incstream_held_events") == 0
         assert metric(page, "incstream_documents") == len(DOCS) + 1
     finally:
+        log_path = worker.log_path
         worker.stop()
+    # It ran with INCSTREAM_LOG_FORMAT=json: every line it logged is one JSON record.
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    assert {r["logger"].split(".")[0] for r in records} >= {"faust", "incstream"}
