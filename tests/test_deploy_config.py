@@ -215,3 +215,14 @@ def test_prometheus_rules_path_is_relative_to_the_config():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     for rules in config["rule_files"]:
         assert not Path(rules).is_absolute() and (DEPLOY / "prometheus" / rules).is_file()
+
+
+def test_the_runbook_and_deploy_readme_cover_every_alert():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]
+              if "alert" in rule}
+    for doc in (ROOT / "docs" / "operations.md", DEPLOY / "README.md"):
+        lines = [line.strip() for line in doc.read_text().splitlines()]
+        rows = {line.split("|")[1].split()[0].strip("`")
+                for line in lines if line.startswith("| `Incstream")}
+        assert rows == alerts, (doc.name, alerts ^ rows)
