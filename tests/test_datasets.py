@@ -239,10 +239,11 @@ def test_fetch_reports_pip_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_default_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("INCSTREAM_DATASETS_DIR", str(tmp_path))
-    assert default_cache_dir() == tmp_path
+    monkeypatch.setenv("INCSTREAM_DATASETS_DIR", str(tmp_path / "shared"))
+    assert default_cache_dir() == tmp_path / "shared"
     monkeypatch.delenv("INCSTREAM_DATASETS_DIR")
-    assert default_cache_dir() == dataset_sources.REPO_ROOT / ".incstream" / "datasets"
+    monkeypatch.setenv("INCSTREAM_HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / "datasets"
 
 
 # --------------------------------------------------------------- built-in datasets: real data

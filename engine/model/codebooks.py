@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from incstream.engine.model.macs import MacCounter
+from incstream.paths import bundles_dir
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 DEFAULT_BUNDLE = "calibrated-minilm"
@@ -105,8 +106,13 @@ def sha256_file(path: Path) -> str:
 
 
 def bundle_dir(name: str = DEFAULT_BUNDLE) -> Path:
+    """A bundle by name, shipped (engine/bundles/) or trained (<data home>/bundles/, where
+    `incstream train` writes), the shipped one first; else ``name`` as a directory."""
+    for root in (BUNDLES_DIR, bundles_dir()):
+        if (root / name).is_dir():
+            return root / name
     path = Path(name)
-    return path if path.is_dir() and not (BUNDLES_DIR / name).is_dir() else BUNDLES_DIR / name
+    return path if path.is_dir() else BUNDLES_DIR / name
 
 
 def load_bundle(name: str = DEFAULT_BUNDLE) -> tuple[Codebooks, dict]:

