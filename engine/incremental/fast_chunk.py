@@ -91,11 +91,18 @@ def _pooled(out: torch.Tensor) -> torch.Tensor:
 
 
 def _lookup(fw: FastWeights, layer: int, codes: torch.Tensor, macs: MacCounter) -> torch.Tensor:
-    """Attention output of rows with these codes (m, H): sum of table rows plus bias."""
+    """Attention output of rows with these codes (m, H): sum of table rows plus bias (one
+    embedding bag per row over the flat table)."""
     m, heads = codes.shape
-    rows = fw.tables[layer][torch.arange(heads, device=codes.device), codes.long()]
     macs.add_adds(m * heads * fw.w.config.hidden)
-    return rows.sum(1) + fw.w.layers[layer].bo
+    summed = torch.nn.functional.embedding_bag(codes.long() + fw.code_offsets,
+                                               fw.tables_flat[layer], mode="sum")
+    return summed + fw.w.layers[layer].bo
+
+
+def _code_vectors(fw: FastWeights, layer: int, codes: torch.Tensor) -> torch.Tensor:
+    """Codebook vectors of codes (..., H) of every head: (..., H, d)."""
+    return torch.nn.functional.embedding(codes.long() + fw.code_offsets, fw.codes_flat[layer])
 
 
 def _requantize(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Tensor,
@@ -196,7 +203,7 @@ def _held_slack(fw: FastWeights, cfg: FastModeConfig, layer: int, ctx: torch.Ten
     """The slack (_slack) of contexts ctx (n, H, d) that keep their codes (n, H), as
     _requantize gives a held code."""
     all_heads = torch.arange(ctx.shape[1], device=ctx.device)
-    held = fw.codebooks.codes[layer][all_heads, codes]  # (n, H, d)
+    held = _code_vectors(fw, layer, codes)  # (n, H, d)
     gap = fw.code_gap[layer][all_heads, codes]  # (n, H)
     return _slack(fw, cfg, layer, gap, (ctx - held).norm(dim=-1))
 
@@ -312,7 +319,6 @@ class FastSplice:
         self.s_idx = torch.arange(r0, r0 + m + pushed, device=dev)  # rows whose input changed
         self.x_s = embed(fw.w, self.ids[self.s_idx], self.pos[self.s_idx])
         self.identity = m == r1 - r0  # same row count: old row i is new row i
-        self.all_heads = torch.arange(fw.w.config.heads, device=dev).unsqueeze(1)  # (H, 1)
         self.report = FastUpdate()
         self.layers: list[FastLayer] = []
         self.left = self.deleted
@@ -356,7 +362,7 @@ class FastSplice:
             1.0 / math.sqrt(d))
         w = w.sub_(lse.t().unsqueeze(-1)).exp_()  # (H, n, J)
         w[:, :, len(k_s):].neg_()  # a key that left takes its mass back
-        code_vec = fw.codebooks.codes[layer][self.all_heads, codes.t().clamp_min(0)]  # (H,n,d)
+        code_vec = _code_vectors(fw, layer, codes.clamp_min(0)).transpose(0, 1)  # (H, n, d)
         w_sum = w.sum(-1)  # (H, n)
         move = torch.matmul(w, vals.transpose(0, 1)).sub_(w_sum.unsqueeze(-1) * code_vec)
         drift = move.norm(dim=-1).div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)

@@ -95,6 +95,12 @@ class FastWeights:
     w: MiniLMWeights  # float32 base weights
     codebooks: Codebooks  # float32
     tables: list[torch.Tensor]  # per layer (H, K, C): W_o,h . codebook_h, float32
+    # The same tables and the codebooks flattened to (H*K, C) and (H*K, d): head h's code c is
+    # row h*K + c (code_offsets[h] = h*K). One embedding lookup over a flat table is several
+    # times cheaper on CPU than advanced indexing of the (H, K, .) tensor by (head, code).
+    tables_flat: list[torch.Tensor]  # per layer (H*K, C)
+    codes_flat: list[torch.Tensor]  # per layer (H*K, d)
+    code_offsets: torch.Tensor  # (H,) long: h*K
     code_gap: torch.Tensor  # (layers, H, K) distance from each code to its nearest other code
     gap_median: torch.Tensor  # (layers,) median of code_gap per layer: tau's unit
     wqkv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer Q, K, V stacked: (3C, C), (3C,)
@@ -130,7 +136,12 @@ def _fast_weights32(model) -> FastWeights:
     gap = dist.amin(-1).view(codes.shape[:3])
     wqkv = [(torch.cat([lw.wq, lw.wk, lw.wv]), torch.cat([lw.bq, lw.bk, lw.bv]))
             for lw in w32.layers]
-    return FastWeights(w32, codebooks, tables, gap, gap.flatten(1).median(-1).values, wqkv)
+    heads, k = codes.shape[1], codes.shape[2]
+    return FastWeights(w32, codebooks, tables,
+                       tables_flat=[t.flatten(0, 1).contiguous() for t in tables],
+                       codes_flat=[c.flatten(0, 1).contiguous() for c in codes],
+                       code_offsets=torch.arange(heads, device=codes.device) * k,
+                       code_gap=gap, gap_median=gap.flatten(1).median(-1).values, wqkv=wqkv)
 
 
 def _cast(w: MiniLMWeights, dtype: torch.dtype) -> MiniLMWeights:
