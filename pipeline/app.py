@@ -1,16 +1,21 @@
 """The Faust app: one agent that reads doc-edit/v1 events and keeps every document current.
 
-The story of one event, as the agent tells it:
+The agent takes what is pending (up to INCSTREAM_BATCH_MAX_EVENTS) and handles it in steps of
+one event per document (pipeline.event_batches), a document's events one step apart. The story
+of one event, as `handle_event` tells it (the events of a step run it side by side):
   1. parse and validate it (anything malformed -> dead-letter topic, with the reason);
   2. look the document up in the RocksDB-backed table;
   3. let the revision rules decide (state.ordering): apply, hold, drop duplicate, reject;
   3b. classify each applied revision (pipeline.document_sessions: a cached session updated
      incrementally, or one built fresh from the text), on one inference thread so the event
-     loop keeps heartbeating while torch works;
+     loop keeps heartbeating while torch works; the step's events ask together, and their
+     documents' incremental updates go through one batched engine step;
   4. publish one doc-class/v1 update per applied revision and wait until Kafka has it;
-  5. only then write the new state to the table (so a crash can replay, never lose, an update).
-Offsets commit after the producer is flushed (Faust does this): delivery is at-least-once,
-and replays are recognised as duplicates by (doc_id, rev).
+  5. only then write the new state to the table (so a crash can replay, never lose, an update),
+     and acknowledge the event.
+Offsets commit after the producer is flushed (Faust does this, up to the first event not yet
+acknowledged): delivery is at-least-once, and replays are recognised as duplicates by
+(doc_id, rev).
 
 Three fault-injection hooks exist for the integration tests only (never set them in production),
 each "<doc_id>:<rev>":
@@ -45,6 +50,14 @@ from incstream.pipeline.document_sessions import (
     DocumentClassifier,
     DocumentTooLarge,
     Inference,
+)
+from incstream.pipeline.event_batches import (
+    Gathering,
+    Seat,
+    act_for,
+    answer_each,
+    document_steps,
+    rebalanced_since,
 )
 from incstream.pipeline.memory_budget import release_freed_memory
 from incstream.pipeline.metrics import NEAR_BUDGET, WorkerMetrics
@@ -294,161 +307,189 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     # how many distinct events were consumed (the ordering step drops it as a duplicate).
     handled_up_to: dict[Any, int] = {}
 
+    classify_batch = getattr(classifier, "classify_batch", None) or (
+        answer_each(classifier.classify) if classifier is not None else None)
+
+    async def classify_documents(requests: list[tuple[str, str | None, list[AppliedRevision]]],
+                                 ) -> list[list[Inference | DocumentTooLarge]]:
+        """The classifications a step's events asked for, in one call on the inference thread."""
+        return await asyncio.get_running_loop().run_in_executor(inference, classify_batch,
+                                                                requests)
+
     @app.agent(edits)
     async def apply_edits(stream: faust.StreamT) -> None:
-        # Events are acknowledged by hand once handled, never when the worker stops part way
-        # through one: Faust acknowledges an event whose handling was cancelled, which would
-        # commit its offset and lose it instead of handling it again after the restart.
-        async for message in stream.noack().events():
-            started = time.perf_counter()
-            progress.took_event()
-            abandoned = False
-            key: bytes | None = message.key
-            tp, offset = message.message.tp, message.message.offset
-            if offset <= handled_up_to.get(tp, -1):
-                metrics.redelivered.inc()
-            else:
-                handled_up_to[tp] = offset
-            try:
-                # 1. Parse. The Kafka key must be the doc_id: it is what keeps a document's
-                #    events in one partition, in order, next to its table entry.
-                try:
-                    edit = parse_edit_event(message.value, settings.max_event_bytes)
-                    if key is None or key.decode("utf-8", "replace") != edit.doc_id:
-                        raise EventRejected("key_mismatch", f"Kafka key {key!r} is not doc_id "
-                                            f"{edit.doc_id!r}")
-                except EventRejected as exc:
-                    await publish_dead_letter(key, exc.reason, str(exc), message.value)
-                    metrics.events.labels("dlq").inc()
-                    continue
-                if stall_at == (edit.doc_id, edit.rev):
-                    log.critical("test fault injection: the agent stalls on %s rev %s", *stall_at)
-                    await asyncio.Event().wait()  # never set
-
-                # 2. Look the document up.
-                try:
-                    state = await read_state(key, edit, message)
-                except StateUnreadable:
-                    metrics.events.labels("dlq").inc()
-                    continue
-
-                # 3. Decide.
-                decision = advance(state, edit, settings.max_held_per_doc,
-                                   raw=_as_text(message.value))
-                lengths_in_tokens: list[int] = []
-                if classifier is None:  # with a model, the sessions count the tokens
-                    lengths_in_tokens = token_counts(state, decision.applied)
-                    if lengths_in_tokens:
-                        decision.state = decision.state.evolve(
-                            tokens=lengths_in_tokens[-1], label=None, model_id=None)
-                encoded = encode_or_size(decision.state) if decision.state_changed else None
-                if isinstance(encoded, int):
-                    await reject_too_large(key, encoded, message.value)
-                    continue
-
-                # 3b. Classify the applied revisions, off the event loop.
-                answers: list[Inference | DocumentTooLarge | None] = [None] * len(
-                    decision.applied)
-                label_changes = [False] * len(decision.applied)
-                if classifier is not None and decision.applied:
-                    try:
-                        answers = await asyncio.get_running_loop().run_in_executor(
-                            inference, classifier.classify, edit.doc_id,
-                            state.text if state is not None else None, decision.applied,
-                        )
-                    except BuildCancelled:  # logged there
-                        abandoned = True
-                        return  # the worker is stopping
-                    lengths_in_tokens = [answer.tokens for answer in answers]
-                    # The previous label counts only if the same model gave it: a state
-                    # written by another model (a model change, a shared changelog) gets
-                    # label_changed false, and its label is replaced by this model's below.
-                    previous = (state.label if state is not None
-                                and state.model_id == classifier.name else None)
-                    if state is not None and state.label is not None and previous is None:
-                        log.info("state of %r holds model %r's label; %s replaces it",
-                                 edit.doc_id, state.model_id, classifier.name)
-                    for i, answer in enumerate(answers):
-                        label_changes[i] = (previous is not None and answer.label is not None
-                                            and answer.label != previous)
-                        previous = answer.label
-                    decision.state = decision.state.evolve(
-                        tokens=lengths_in_tokens[-1], label=answers[-1].label,
-                        model_id=classifier.name)
-                    encoded = encode_or_size(decision.state)
-                    if isinstance(encoded, int):  # the label pushed it over
-                        await reject_too_large(key, encoded, message.value)
-                        continue
-                if fail_before_publish is not None and "fail" not in faults_fired and any(
-                    (edit.doc_id, r.rev) == fail_before_publish for r in decision.applied
-                ):
-                    faults_fired.add("fail")
-                    raise RuntimeError("injected fault (INCSTREAM_TEST_FAIL_BEFORE_PUBLISH)")
-
-                # 4. Publish what happened, and wait for Kafka to have it.
-                for revision, length_tokens, answer, changed in zip(
-                    decision.applied, lengths_in_tokens, answers, label_changes, strict=True
-                ):
-                    record = update_record(
-                        edit.doc_id,
-                        revision,
-                        length_tokens=length_tokens,
-                        sha1=sha1_hex(revision.text),
-                        latency_s=time.perf_counter() - started,
-                        inference=answer if isinstance(answer, Inference) else None,
-                        model=classifier.name if classifier is not None else None,
-                        label_changed=changed,
-                    )
-                    await publish(classes, key, record)
-                    if changed:
-                        metrics.label_changes.inc()
-                    metrics.outputs.inc()
-                    if message.message.timestamp:
-                        metrics.end_to_end_seconds.observe(
-                            max(0.0, time.time() - message.message.timestamp)
-                        )
-                for revision, answer in zip(decision.applied, answers, strict=True):
-                    if isinstance(answer, DocumentTooLarge):  # applied, not classified
-                        await publish_dead_letter(key, "document_too_large",
-                                                  answer.message(revision.rev), message.value)
-                for rejection in decision.rejected:
-                    await publish_dead_letter(
-                        key, rejection.reason, rejection.message,
-                        message.value if rejection.incoming else rejection.event,
-                    )
-                if crash_after_publish is not None and any(
-                    (edit.doc_id, r.rev) == crash_after_publish for r in decision.applied
-                ):
-                    log.critical("test fault injection: SIGKILL after publishing %s rev %s, "
-                                 "before the table write", *crash_after_publish)
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-                # 5. Remember: the chunk records first, then the state that points past them
-                #    (a crash between the two only costs a fresh build of the touched chunk).
-                if keeps_records:
-                    for answer in answers:
-                        if answer is not None and answer.record_writes:
-                            metrics.chunk_record_bytes.inc(
-                                classifier.records.apply(answer.record_writes))
-                if encoded is not None:
-                    write_state(key, encoded, message.message.partition,
-                                held=len(decision.state.held))
-                metrics.events.labels(decision.outcome).inc()
-            except Exception:  # never let one event kill the agent (Faust restarts it forever)
-                log.exception("unexpected error on %r; sent to the dead-letter topic",
-                              dead_letter_key(key))
-                await publish_dead_letter(
-                    key, "internal_error", "unexpected worker error", message.value
-                )
-                metrics.events.labels("dlq").inc()
-            except BaseException:  # cancelled: the worker is stopping
-                abandoned = True
-                raise
-            finally:
-                metrics.processing_seconds.observe(time.perf_counter() - started)
+        # What is pending, up to batch_max_events, in steps of one event per document
+        # (pipeline.event_batches); the events of a step meet at the classifier.
+        async for batch in stream.noack_take(settings.batch_max_events,
+                                             within=settings.batch_wait_s):
+            metrics.batch_events.observe(len(batch))
+            for step in document_steps(batch, document=lambda event: event.key):
+                if rebalanced_since(app, step[0]):
+                    break  # the rest of the batch comes again after the rebalance's seek
+                progress.took_event()
+                classify = Gathering(len(step), classify_documents)
+                handled = await asyncio.gather(*(handle_event(stream, event, classify.seat())
+                                                 for event in step))
                 progress.finished_event()
-                if not abandoned:  # an abandoned event is handled again after the restart
-                    await stream.ack(message)
+                if not all(handled):
+                    return  # the worker is stopping
+
+    async def handle_event(stream: faust.StreamT, message: faust.EventT, classify: Seat,
+                           ) -> bool:
+        """The story of one event (its own task; the other events of its step, other
+        documents', run beside it). False: the worker is stopping and the event was left
+        part way. Events are acknowledged by hand once handled, never when the worker stops
+        part way through one: Faust acknowledges an event whose handling was cancelled, which
+        would commit its offset and lose it instead of handling it again after the restart."""
+        act_for(message)  # its table writes go to its partition's changelogs
+        started = time.perf_counter()
+        abandoned = False
+        key: bytes | None = message.key
+        tp, offset = message.message.tp, message.message.offset
+        if offset <= handled_up_to.get(tp, -1):
+            metrics.redelivered.inc()
+        else:
+            handled_up_to[tp] = offset
+        try:
+            # 1. Parse. The Kafka key must be the doc_id: it is what keeps a document's
+            #    events in one partition, in order, next to its table entry.
+            try:
+                edit = parse_edit_event(message.value, settings.max_event_bytes)
+                if key is None or key.decode("utf-8", "replace") != edit.doc_id:
+                    raise EventRejected("key_mismatch", f"Kafka key {key!r} is not doc_id "
+                                        f"{edit.doc_id!r}")
+            except EventRejected as exc:
+                await publish_dead_letter(key, exc.reason, str(exc), message.value)
+                metrics.events.labels("dlq").inc()
+                return True
+            if stall_at == (edit.doc_id, edit.rev):
+                log.critical("test fault injection: the agent stalls on %s rev %s", *stall_at)
+                await asyncio.Event().wait()  # never set
+
+            # 2. Look the document up.
+            try:
+                state = await read_state(key, edit, message)
+            except StateUnreadable:
+                metrics.events.labels("dlq").inc()
+                return True
+
+            # 3. Decide.
+            decision = advance(state, edit, settings.max_held_per_doc,
+                               raw=_as_text(message.value))
+            lengths_in_tokens: list[int] = []
+            if classifier is None:  # with a model, the sessions count the tokens
+                lengths_in_tokens = token_counts(state, decision.applied)
+                if lengths_in_tokens:
+                    decision.state = decision.state.evolve(
+                        tokens=lengths_in_tokens[-1], label=None, model_id=None)
+            encoded = encode_or_size(decision.state) if decision.state_changed else None
+            if isinstance(encoded, int):
+                await reject_too_large(key, encoded, message.value)
+                return True
+
+            # 3b. Classify the applied revisions, off the event loop.
+            answers: list[Inference | DocumentTooLarge | None] = [None] * len(
+                decision.applied)
+            label_changes = [False] * len(decision.applied)
+            if classifier is not None and decision.applied:
+                try:
+                    answers = await classify.ask(
+                        (edit.doc_id, state.text if state is not None else None,
+                         decision.applied))
+                except BuildCancelled:  # logged there
+                    abandoned = True
+                    return False  # the worker is stopping
+                lengths_in_tokens = [answer.tokens for answer in answers]
+                # The previous label counts only if the same model gave it: a state
+                # written by another model (a model change, a shared changelog) gets
+                # label_changed false, and its label is replaced by this model's below.
+                previous = (state.label if state is not None
+                            and state.model_id == classifier.name else None)
+                if state is not None and state.label is not None and previous is None:
+                    log.info("state of %r holds model %r's label; %s replaces it",
+                             edit.doc_id, state.model_id, classifier.name)
+                for i, answer in enumerate(answers):
+                    label_changes[i] = (previous is not None and answer.label is not None
+                                        and answer.label != previous)
+                    previous = answer.label
+                decision.state = decision.state.evolve(
+                    tokens=lengths_in_tokens[-1], label=answers[-1].label,
+                    model_id=classifier.name)
+                encoded = encode_or_size(decision.state)
+                if isinstance(encoded, int):  # the label pushed it over
+                    await reject_too_large(key, encoded, message.value)
+                    return True
+            if fail_before_publish is not None and "fail" not in faults_fired and any(
+                (edit.doc_id, r.rev) == fail_before_publish for r in decision.applied
+            ):
+                faults_fired.add("fail")
+                raise RuntimeError("injected fault (INCSTREAM_TEST_FAIL_BEFORE_PUBLISH)")
+
+            # 4. Publish what happened, and wait for Kafka to have it.
+            for revision, length_tokens, answer, changed in zip(
+                decision.applied, lengths_in_tokens, answers, label_changes, strict=True
+            ):
+                record = update_record(
+                    edit.doc_id,
+                    revision,
+                    length_tokens=length_tokens,
+                    sha1=sha1_hex(revision.text),
+                    latency_s=time.perf_counter() - started,
+                    inference=answer if isinstance(answer, Inference) else None,
+                    model=classifier.name if classifier is not None else None,
+                    label_changed=changed,
+                )
+                await publish(classes, key, record)
+                if changed:
+                    metrics.label_changes.inc()
+                metrics.outputs.inc()
+                if message.message.timestamp:
+                    metrics.end_to_end_seconds.observe(
+                        max(0.0, time.time() - message.message.timestamp)
+                    )
+            for revision, answer in zip(decision.applied, answers, strict=True):
+                if isinstance(answer, DocumentTooLarge):  # applied, not classified
+                    await publish_dead_letter(key, "document_too_large",
+                                              answer.message(revision.rev), message.value)
+            for rejection in decision.rejected:
+                await publish_dead_letter(
+                    key, rejection.reason, rejection.message,
+                    message.value if rejection.incoming else rejection.event,
+                )
+            if crash_after_publish is not None and any(
+                (edit.doc_id, r.rev) == crash_after_publish for r in decision.applied
+            ):
+                log.critical("test fault injection: SIGKILL after publishing %s rev %s, "
+                             "before the table write", *crash_after_publish)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            # 5. Remember: the chunk records first, then the state that points past them
+            #    (a crash between the two only costs a fresh build of the touched chunk).
+            if keeps_records:
+                for answer in answers:
+                    if answer is not None and answer.record_writes:
+                        metrics.chunk_record_bytes.inc(
+                            classifier.records.apply(answer.record_writes))
+            if encoded is not None:
+                write_state(key, encoded, message.message.partition,
+                            held=len(decision.state.held))
+            metrics.events.labels(decision.outcome).inc()
+        except Exception:  # never let one event kill the agent (Faust restarts it forever)
+            log.exception("unexpected error on %r; sent to the dead-letter topic",
+                          dead_letter_key(key))
+            await publish_dead_letter(
+                key, "internal_error", "unexpected worker error", message.value
+            )
+            metrics.events.labels("dlq").inc()
+        except BaseException:  # cancelled: the worker is stopping
+            abandoned = True
+            raise
+        finally:
+            classify.leave()  # (if it did not ask): the others need not wait for it
+            metrics.processing_seconds.observe(time.perf_counter() - started)
+            if not abandoned:  # an abandoned event is handled again after the restart
+                await stream.ack(message)
+        return True
 
     lag_probe = ConsumerLagProbe(settings.bootstrap, settings.app_id)
     lag_partitions: set[int] = set()

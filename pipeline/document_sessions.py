@@ -151,6 +151,23 @@ class DocumentTooLarge:
                 f"brings it under the limit is classified again")
 
 
+@dataclass
+class _Work:
+    """One revision between DocumentClassifier._prepare and _finish: the session to update
+    (None: build it fresh) and how the cache answered."""
+
+    doc_id: str
+    previous_text: str | None
+    revision: AppliedRevision
+    session: Any | None
+    status: str  # "miss" | "rebuild", "hit" once updated
+    reason: str | None  # why a rebuild
+    evicted: int
+    estimate: int  # bytes the session will hold
+    started: float
+    report: Any = None  # the incremental update's EditReport
+
+
 class BuildCancelled(Exception):
     """The worker is stopping: a session build or update was abandoned part way."""
 
@@ -283,18 +300,55 @@ class DocumentClassifier:
     def classify(self, doc_id: str, previous_text: str | None,
                  revisions: Sequence[AppliedRevision]) -> list[Inference | DocumentTooLarge]:
         """One answer per revision; raises BuildCancelled once `stop` is set."""
-        out: list[Inference | DocumentTooLarge] = []
+        return self.classify_batch([(doc_id, previous_text, revisions)])[0]
+
+    # ----- several documents at once: their incremental updates in one batched engine step
+    def classify_batch(self, requests: Sequence[tuple[str, str | None,
+                                                      Sequence[AppliedRevision]]],
+                       ) -> list[list[Inference | DocumentTooLarge]]:
+        """`classify` for several documents (one request each: doc_id, the text before the
+        revisions, the revisions), in rounds: round j takes each document's j-th revision,
+        and the documents whose session is updated incrementally go through one batched step
+        (engine.incremental.session.apply_changes_batched: one Q/K/V and one feed-forward
+        matmul per layer for all their changed rows). Answers equal one-at-a-time answers up
+        to the batched matmuls' float rounding (the same codes). Raises BuildCancelled once
+        `stop` is set."""
+        if len({doc_id for doc_id, _, _ in requests}) != len(requests):
+            raise ValueError("one request per document (its revisions are ordered)")
+        out: list[list[Inference | DocumentTooLarge]] = [[] for _ in requests]
+        texts = [previous_text for _, previous_text, _ in requests]
         with torch_no_grad():
-            for revision in revisions:
+            for j in range(max((len(revisions) for _, _, revisions in requests), default=0)):
+                works: list[tuple[int, _Work]] = []
+                in_flight = 0  # bytes of the round's sessions, out of the cache while they work
+                for i, (doc_id, _, revisions) in enumerate(requests):
+                    if j >= len(revisions):
+                        continue
+                    try:
+                        prepared = self._prepare(doc_id, texts[i], revisions[j], in_flight)
+                    except BuildCancelled:
+                        self._log_abandoned(doc_id, revisions[j].rev)
+                        raise
+                    texts[i] = revisions[j].text
+                    if isinstance(prepared, DocumentTooLarge):
+                        out[i].append(prepared)
+                    else:
+                        works.append((i, prepared))
+                        in_flight += prepared.estimate
                 try:
-                    out.append(self._classify_one(doc_id, previous_text, revision))
+                    self._update([work for _, work in works])
+                    for i, work in works:
+                        out[i].append(self._finish(work))
                 except BuildCancelled:
-                    log.warning("the worker is stopping: %r rev %s abandoned part way (its "
-                                "event is handled again after the restart)", doc_id,
-                                revision.rev)
+                    for _, work in works:
+                        self._log_abandoned(work.doc_id, work.revision.rev)
                     raise
-                previous_text = revision.text
         return out
+
+    @staticmethod
+    def _log_abandoned(doc_id: str, rev: int) -> None:
+        log.warning("the worker is stopping: %r rev %s abandoned part way (its event is "
+                    "handled again after the restart)", doc_id, rev)
 
     def keep_records(self, table: Any) -> bool:
         """Keep fast-mode sessions' chunk records in `table` (the worker's activations table),
@@ -357,16 +411,17 @@ class DocumentClassifier:
         return [tuple(ids[start : start + n]) for start, n in zip(offsets(lengths), lengths,
                                                                   strict=True)]
 
-    def _classify_one(self, doc_id: str, previous_text: str | None,
-                      revision: AppliedRevision) -> Inference | DocumentTooLarge:
+    def _prepare(self, doc_id: str, previous_text: str | None, revision: AppliedRevision,
+                 in_flight: int) -> _Work | DocumentTooLarge:
+        """Find the session to update (the cached one, or the one its chunk records bring
+        back) and make room for what the revision will hold, besides `in_flight` bytes of
+        other sessions being worked on; or say the document is too large."""
         from incstream.engine.incremental.edit_tokenizer import token_count_delta
 
         started = time.perf_counter()
-        m = self.metrics
         session = self.cache.get(doc_id)
         status, reason = "miss", None
-        macs = positions = evicted = 0
-        report = None
+        evicted = 0
         if (session is None and self.records is not None and previous_text is not None
                 and not revision.is_snapshot):
             # Not in memory (a restart, a rebalance, an eviction): the chunk records bring
@@ -374,9 +429,8 @@ class DocumentClassifier:
             # uninterrupted worker would have (if it fits: room is made for it first).
             previous_tokens = self.count_tokens(previous_text)
             if previous_tokens <= self.token_limit:
-                evicted += self.cache.make_room(self.sizer.estimate(previous_tokens))
+                evicted += self.cache.make_room(in_flight + self.sizer.estimate(previous_tokens))
                 session = self._restored(doc_id, previous_text)
-        touched: list[int] | None = None  # chunks an incremental update touched
         if session is not None and revision.is_snapshot:
             session = None
         elif session is not None and session.text != previous_text:
@@ -390,44 +444,70 @@ class DocumentClassifier:
             self._observe_cache(evicted)
             return DocumentTooLarge(tokens, self.token_limit)
         # Room first: the cache never holds more than its budget, not even while building.
-        evicted += self.cache.make_room(self.sizer.estimate(tokens))
-        if session is not None:
-            try:
-                report = session.apply_change(revision.text, revision.change)
-            except BuildCancelled:
-                raise
-            except Exception:
-                log.exception("incremental update of %r failed; rebuilding", doc_id)
-                status, reason, session = "rebuild", "error", None
+        estimate = self.sizer.estimate(tokens)
+        evicted += self.cache.make_room(in_flight + estimate)
+        return _Work(doc_id, previous_text, revision, session, status, reason, evicted,
+                     estimate, started)
+
+    def _update(self, works: Sequence[_Work]) -> None:
+        """Update the works' sessions incrementally, all in one batched engine step; a session
+        that failed (its update raised, or its text is not the revision's after it) is dropped,
+        to be built fresh."""
+        from incstream.engine.incremental.session import apply_changes_batched
+
+        updating = [work for work in works if work.session is not None]
+        if not updating:
+            return
+        if self.metrics is not None:
+            self.metrics.inference_batch_size.observe(len(updating))
+        try:
+            reports = apply_changes_batched([(w.session, w.revision.text, w.revision.change)
+                                             for w in updating])
+        except BuildCancelled:
+            raise
+        except Exception:
+            # One batched step: which document failed is not known, so each is rebuilt.
+            log.exception("incremental update of %s failed; rebuilding",
+                          ", ".join(repr(w.doc_id) for w in updating))
+            for work in updating:
+                work.status, work.reason, work.session = "rebuild", "error", None
+            return
+        for work, report in zip(updating, reports, strict=True):
+            if work.session.text == work.revision.text:
+                work.status, work.report = "hit", report
             else:
-                if session.text == revision.text:
-                    status = "hit"
-                    touched = report.touched
-                    macs = int(report.macs["total"])
-                    positions = sum(sum(u.rows_changed) for u in report.chunk_updates)
-                else:
-                    log.error("session of %r has other text than rev %s after the edit; "
-                              "rebuilding", doc_id, revision.rev)
-                    status, reason, session = "rebuild", "text_mismatch", None
+                log.error("session of %r has other text than rev %s after the edit; "
+                          "rebuilding", work.doc_id, work.revision.rev)
+                work.status, work.reason, work.session = "rebuild", "text_mismatch", None
+
+    def _finish(self, work: _Work) -> Inference:
+        """Build the session fresh where there is none to update, keep it, and answer."""
+        m = self.metrics
+        session, report = work.session, work.report
+        touched: list[int] | None = report.touched if report is not None else None
         if session is None:
-            report = None
-            session = self.fresh(revision.text)
+            session = self.fresh(work.revision.text)
+            if m is not None:
+                m.inference_batch_size.observe(1)  # a fresh build is one document's alone
             macs = int(session.macs.total)
             positions = sum(len(c.token_ids) for c in session.chunks) * self.model.cfg.layers
-        evicted += self.cache.put(doc_id, session)
+        else:
+            macs = int(report.macs["total"])
+            positions = sum(sum(u.rows_changed) for u in report.chunk_updates)
+        evicted = work.evicted + self.cache.put(work.doc_id, session)
         logits = session.logits().tolist()
         scores = softmax_scores(logits, self.labels)
         label = self.labels[max(range(len(logits)), key=logits.__getitem__)]
         dense = dense_equivalent_macs(session.chunk_lengths, self.model.cfg)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - work.started
         if m is not None:
-            path = "incremental" if status == "hit" else "fresh"
-            if status == "hit":
+            path = "incremental" if work.status == "hit" else "fresh"
+            if work.status == "hit":
                 m.session_cache_hits.inc()
-            elif status == "miss":
+            elif work.status == "miss":
                 m.session_cache_misses.inc()
             else:
-                m.session_rebuilds.labels(reason).inc()
+                m.session_rebuilds.labels(work.reason).inc()
             self._observe_cache(evicted)
             m.inference_macs.labels(path).inc(macs)
             m.dense_equivalent_macs.inc(dense)
@@ -436,9 +516,8 @@ class DocumentClassifier:
                 [session.chunk_lengths[i] for i in touched], self.model.cfg))
             m.positions_recomputed.labels(path).inc(positions)
             m.inference_seconds.observe(seconds)
-            m.inference_batch_size.observe(1)  # one document per forward: no batching yet
-        writes = self._record_writes(doc_id, session, report, previous_text)
-        return Inference(label=label, scores=scores, cache=status,
+        writes = self._record_writes(work.doc_id, session, report, work.previous_text)
+        return Inference(label=label, scores=scores, cache=work.status,
                          tokens=len(session.tokens.ids), positions_recomputed=positions,
                          macs=macs, macs_dense_equivalent=dense, seconds=seconds,
                          record_writes=writes)

@@ -191,7 +191,14 @@ class WorkerMetrics:
         )
         self.inference_batch_size = Histogram(
             "incstream_inference_batch_size",
-            "Documents per inference call (always 1: revisions are not batched yet)",
+            "Documents per inference step: the incremental updates of several documents go "
+            "through one batched engine step; a fresh build counts as a step of 1",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.batch_events = Histogram(
+            "incstream_batch_events",
+            "Events the agent took at once (at most INCSTREAM_BATCH_MAX_EVENTS)",
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     # budget) are not classified: the revision is applied to the text, its update has label
     # null and a document_too_large dead letter says why. 0: only the budget limits them.
     max_document_tokens: int = 16_384
+    # The agent takes what is pending, up to batch_max_events events, waiting at most
+    # batch_wait_s for more once it has one, and updates the documents among them in one
+    # batched engine step (pipeline/event_batches.py; a document's own events still go one
+    # after the other). 1: one event at a time, the default until batched fast-mode answers
+    # are shown independent of which documents shared a step (README, Configuration).
+    batch_max_events: int = 1
+    batch_wait_s: float = 0.005
     # torch CPU threads for inference (one inference thread per worker process).
     torch_threads: int = 1
     # Engine mode: "exact" (every answer equals a fresh build of the text) or "fast" (reuse
