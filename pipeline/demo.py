@@ -92,8 +92,18 @@ def run_demo(
     console.print(f"stream {stream} : {len(events)} events, "
                   f"{len({e['doc_id'] for e in events})} documents")
 
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="incstream-demo-"))
+    if workdir is None:
+        # Logs and the worker's RocksDB live only as long as the demo (its summary says what
+        # they held; a failed demo prints the worker log's tail first).
+        with tempfile.TemporaryDirectory(prefix="incstream-demo-") as tmp:
+            return _run(events, expected, started, Path(tmp), rate, quiet, timeout_s, model)
     workdir.mkdir(parents=True, exist_ok=True)
+    return _run(events, expected, started, workdir, rate, quiet, timeout_s, model)
+
+
+def _run(events: list[dict[str, Any]], expected: dict[tuple[str, int], Any],
+         started: float, workdir: Path, rate: float, quiet: bool, timeout_s: float,
+         model: str | None) -> bool:
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         console.print(f"broker  {broker.url} (tansu, in memory)")
         settings = Settings(broker=broker.url, partitions=4)
@@ -214,5 +224,9 @@ def run_demo(
     summary.add_row("wall time", f"{time.monotonic() - started:.1f} s")
     console.print(summary)
     ok = complete and not wrong and code == 0
+    if not ok and (workdir / "worker.log").is_file():
+        log_tail = (workdir / "worker.log").read_text(errors="replace").splitlines()[-40:]
+        console.print("worker log (last lines):\n" + "\n".join(log_tail), highlight=False,
+                      markup=False)
     console.print("[green]demo OK[/green]" if ok else "[red]demo FAILED[/red]")
     return ok

@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from incstream.paths import worker_dir
 
 ENV_PREFIX = "INCSTREAM_"
 # INCSTREAM_* variables that are not settings but are read elsewhere; everything else with the
@@ -43,8 +46,9 @@ class Settings(BaseSettings):
     # Partitions of the input topic; the table's changelog gets as many (Faust insists).
     partitions: int = 4
     replication_factor: int = 1  # raise it on a real cluster
-    # Local RocksDB lives here; two workers on one machine need two directories.
-    data_dir: Path = Path(".incstream/worker")
+    # Local RocksDB lives here; two workers on one machine need two directories. Default:
+    # <data home>/worker (incstream/paths.py: $INCSTREAM_HOME or the user data directory).
+    data_dir: Path = Field(default_factory=worker_dir)
     web_host: str = "127.0.0.1"
     web_port: int = 6066  # /metrics, /live and /ready: nothing else
     # /live turns 503 when the agent holds one event longer than this, or takes none for

@@ -10,6 +10,7 @@ import incstream
 from incstream import paths
 from incstream.engine.model.codebooks import BUNDLES_DIR, bundle_dir
 from incstream.engine.training.train import TrainConfig
+from incstream.pipeline.settings import Settings
 
 
 def test_home_defaults_to_the_user_data_dir(monkeypatch: pytest.MonkeyPatch,
@@ -26,7 +27,7 @@ def test_every_run_time_path_is_under_home(monkeypatch: pytest.MonkeyPatch,
     package = Path(incstream.__file__).resolve().parent.parent
     cfg = TrainConfig(dataset="pang-lee-polarity")
     written = [paths.datasets_dir(), paths.dense_cache_dir(), cfg.bundle_path(),
-               cfg.checkpoint_path(), paths.worker_dir()]
+               cfg.checkpoint_path(), Settings().data_dir]
     for path in written:
         assert path.is_relative_to(tmp_path), path
         assert not path.resolve().is_relative_to(package / "engine"), path
