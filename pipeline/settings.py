@@ -120,7 +120,9 @@ class Settings(BaseSettings):
     fast_context_tolerance: float | None = None
     fast_refresh_edits: int | None = None
     fast_refresh_displacement: int | None = None
-    fast_matmul: str | None = None  # "float32" or "bfloat16" (CPUs with AVX512-BF16/AMX)
+    # "float32", "bfloat16" or "auto"; unset: the bundle's, else auto = bfloat16 where the
+    # hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX), else float32
+    fast_matmul: str | None = None
 
     def engine(self, bundle_engine: dict | None = None):
         """The engine mode to run: "exact" or an engine.incremental.fast_mode.FastModeConfig."""

@@ -24,7 +24,9 @@ Everything runs in float32 and the kept state is float16 (engine.incremental.fas
 what an update needs. A fifth knob, `matmul`, runs the per-row linear layers (Q/K/V and the
 feed-forward) in bfloat16 with float32 accumulation: on CPUs with AVX512-BF16 or AMX they run
 2-4x faster, at a small measured cost in divergence; attention, codebook search, LayerNorm and
-the kept state are unchanged.
+the kept state are unchanged. `matmul="auto"` (what a worker resolves when neither its settings
+nor its bundle choose) takes bfloat16 where the hardware runs it natively (CUDA, or a CPU with
+AVX512-BF16 or AMX) and float32 elsewhere, where bfloat16 would be emulated and slower.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from incstream.engine.model.minilm import MiniLMWeights, with_matmul_dtype
 
 MAX_POSITIONS = 512
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MATMUL_CHOICES = (*MATMUL_DTYPES, "auto")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def resolve_mode(bundle_engine: dict | None = None, mode: str | None = None,
     """The engine mode a worker runs: "exact" or a FastModeConfig.
 
     Precedence: an explicit `mode` / dial setting (CLI flag or environment), then the model
-    bundle's manifest section {"engine": {"mode": ..., "fast": {dial}}}, then exact mode.
+    bundle's manifest section {"engine": {"mode": ..., "fast": {dial}}}, then exact mode. The
+    fast dial's `matmul` defaults to "auto" here (resolve_matmul), on the CPU.
     """
     bundle_engine = bundle_engine or {}
     chosen = mode or bundle_engine.get("mode") or "exact"
@@ -83,9 +87,34 @@ def resolve_mode(bundle_engine: dict | None = None, mode: str | None = None,
         raise ValueError(f"unknown engine mode {chosen!r} (exact or fast)")
     if chosen == "exact":
         return "exact"
-    dial = {**bundle_engine.get("fast", {}),
+    dial = {"matmul": "auto", **bundle_engine.get("fast", {}),
             **{k: v for k, v in overrides.items() if v is not None}}
+    dial["matmul"] = resolve_matmul(str(dial["matmul"]))
     return FastModeConfig(**dial)
+
+
+def resolve_matmul(choice: str, device: str = "cpu") -> str:
+    """A matmul dtype name: `choice` itself, or for "auto" bfloat16 where it runs natively on
+    `device` (CUDA; a CPU with AVX512-BF16 or AMX), else float32."""
+    if choice != "auto":
+        return choice
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if native_bfloat16_cpu() else "float32"
+
+
+def native_bfloat16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16, as
+    Linux lists them). Without them oneDNN emulates bfloat16 matmuls, slower than float32."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 @dataclass

@@ -14,7 +14,12 @@ from engine_streams import stream_docs
 
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.fast_chunk import stable_positions
-from incstream.engine.incremental.fast_mode import FastModeConfig, resolve_mode
+from incstream.engine.incremental.fast_mode import (
+    FastModeConfig,
+    native_bfloat16_cpu,
+    resolve_matmul,
+    resolve_mode,
+)
 from incstream.engine.incremental.session import DocumentSession
 from incstream.engine.model.macs import dense_chunk_macs
 
@@ -116,8 +121,26 @@ def test_mode_resolution():
     assert resolve_mode({"mode": "fast", "fast": {"tau": 0.7}}, tau=1.5).tau == 1.5
     assert resolve_mode({"mode": "fast"}, mode="exact") == "exact"
     assert isinstance(resolve_mode(None, mode="fast"), FastModeConfig)
+    # the worker's matmul dtype: the setting, else the bundle's, else what the CPU runs natively
+    native = "bfloat16" if native_bfloat16_cpu() else "float32"
+    assert resolve_mode(None, mode="fast").matmul == native
+    assert resolve_mode({"mode": "fast", "fast": {"matmul": "float32"}}).matmul == "float32"
+    assert resolve_mode({"mode": "fast", "fast": {"matmul": "float32"}},
+                        matmul="auto").matmul == native
+    assert resolve_mode(None, mode="fast", matmul="bfloat16").matmul == "bfloat16"
     with pytest.raises(ValueError):
         resolve_mode(None, mode="turbo")
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n")
+    assert native_bfloat16_cpu(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile sse\n")
+    assert not native_bfloat16_cpu(str(cpuinfo))
+    assert not native_bfloat16_cpu(str(tmp_path / "missing"))
+    assert resolve_matmul("auto", "cuda:0") == "bfloat16"
+    assert resolve_matmul("float32", "cuda") == "float32"
 
 
 def test_bfloat16_matmuls_stay_close_to_float32_and_update_like_a_build(model, tokenizer):
