@@ -159,7 +159,12 @@ def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, 
 
 def _register_subcommands() -> None:
     from incstream.pipeline.cli_bench import bench
-    from incstream.pipeline.cli_model import classify_command, eval_command, train_command
+    from incstream.pipeline.cli_model import (
+        classify_command,
+        eval_command,
+        train_command,
+        train_dense_command,
+    )
     from incstream.pipeline.memory_bench import memory_bench_command
     from incstream.pipeline.pipeline_modes import pipeline_bench_command
 
@@ -167,6 +172,7 @@ def _register_subcommands() -> None:
     bench.add_command(memory_bench_command)
     cli.add_command(bench)
     cli.add_command(train_command, "train")
+    cli.add_command(train_dense_command, "train-dense")
     cli.add_command(eval_command, "eval")
     cli.add_command(classify_command, "classify")
 

@@ -1,7 +1,7 @@
-"""`incstream train`, `incstream eval`, `incstream classify`: the model commands.
+"""`incstream train`, `train-dense`, `eval`, `classify`: the model commands.
 
-The logic lives in engine.training.train, engine.training.evaluate and
-engine.model.model_bundle; these are thin click
+The logic lives in engine.training.train, engine.training.finetune_dense,
+engine.training.evaluate and engine.model.model_bundle; these are thin click
 wrappers (registered on the main group with cli.add_command).
 """
 
@@ -30,6 +30,28 @@ def _threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def run_options(checkpoint_name: str):
+    """--seed, --device, --checkpoint-every, --checkpoint-dir: the training commands' run
+    settings (a checkpoint directory defaults to <data dir>/checkpoints/<checkpoint_name>)."""
+    options = [
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help=DEVICE_HELP),
+        click.option("--checkpoint-every", type=click.IntRange(1), default=50,
+                     show_default=True),
+        click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=None,
+                     help=f"[default: <data dir>/checkpoints/<{checkpoint_name}>]; re-running "
+                          "the same command resumes from it."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
 @click.command("train")
@@ -63,12 +85,7 @@ def _threads(threads: int | None) -> None:
                    "(L2 picked on validation; the dense head gets the same finer L2 grid). With "
                    "--init BUNDLE --steps 0: re-fit a trained bundle's heads to the current "
                    "chunking without training codebooks.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--checkpoint-every", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="[default: <data dir>/checkpoints/<bundle name>]; re-running "
-                                 "the same command resumes from it.")
+@run_options("bundle name")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs: int,
@@ -98,6 +115,89 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
                            "seconds": round(result.seconds, 1)}, indent=2))
 
 
+@click.command("train-dense")
+@click.option("--dataset", default="pang-lee-polarity", show_default=True,
+              help="Built-in dataset name or a CSV/TSV/JSONL file with text,label.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory [default: <data dir>/bundles/<task>-minilm-dense-finetuned]; "
+                   "`incstream eval` finds it there.")
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True,
+              help="Optimizer steps (the learning-rate schedule spans them).")
+@click.option("--batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Chunks per step, each from a different training document.")
+@click.option("--max-chunk-tokens", type=click.IntRange(4, 512), default=128, show_default=True,
+              help="Rows per chunk (the engine's ChunkPolicy) for training and evaluation; "
+                   "short chunks keep a CPU run cheap.")
+@click.option("--eval-max-doc-tokens", type=click.IntRange(0), default=None,
+              help="Validation documents: N tokens of each (0 = whole) [default: the setting "
+                   "of the task's shipped bundle, else 512].")
+@click.option("--eval-keep", type=click.Choice(["head", "tail"]), default=None,
+              help="Which end --eval-max-doc-tokens keeps [default: as the shipped bundle].")
+@click.option("--train-docs", type=click.IntRange(1), default=None,
+              help="Use a seeded subsample of N training documents.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Encoder learning rate.")
+@click.option("--lr-head", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Fraction of the steps with a linear warmup (then linear decay to 0).")
+@click.option("--clip", type=float, default=1.0, show_default=True,
+              help="Gradient clipping (max global norm).")
+@click.option("--eval-every", type=click.IntRange(1), default=50, show_default=True,
+              help="Validation (whole documents) every N steps; the best one is kept.")
+@click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
+              help="Stop after N validations without a better accuracy.")
+@run_options("out name")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="torch CPU threads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write the training record (config, device, wall time, "
+                                 "validation curve) here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_dense_command(dataset: str, out: Path | None, steps: int, batch: int,
+                        max_chunk_tokens: int, eval_max_doc_tokens: int | None,
+                        eval_keep: str | None, train_docs: int | None, lr: float,
+                        lr_head: float, weight_decay: float, warmup: float, clip: float,
+                        eval_every: int, patience: int, seed: int, device: str,
+                        checkpoint_every: int, checkpoint_dir: Path | None, threads: int,
+                        json_out: Path | None, quiet: bool) -> None:
+    """Fine-tune the whole MiniLM encoder + a head on chunks (the dense baseline of eval)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _threads(threads)
+    from incstream.engine.training.finetune_dense import FinetuneConfig, finetune
+
+    shipped = shipped_chunking(dataset)
+    if eval_max_doc_tokens is None:
+        eval_max_doc_tokens = shipped.get("max_doc_tokens", 512) or 0
+    cfg = FinetuneConfig(
+        dataset=dataset, out=str(out) if out else None, chunk_tokens=max_chunk_tokens,
+        eval_max_doc_tokens=eval_max_doc_tokens or None,
+        eval_keep=eval_keep or shipped.get("keep", "head"), train_docs=train_docs,
+        steps=steps, batch=batch, lr=lr, lr_head=lr_head, weight_decay=weight_decay,
+        warmup=warmup, clip=clip, eval_every=eval_every, patience=patience, seed=seed,
+        device=device, checkpoint_every=checkpoint_every,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    fetch_labelled_data(dataset, quiet)
+    result = finetune(cfg, progress=not quiet)
+    report = {"model": str(result.path), **result.record}
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(json.dumps({"model": str(result.path), "best": result.record["best"],
+                           "seconds": result.record["seconds"]}, indent=2))
+
+
+def shipped_chunking(dataset: str) -> dict:
+    """The chunking of the shipped bundle trained on `dataset` ({} if there is none): the
+    evaluation setting a fine-tuned dense model is selected and compared under."""
+    from incstream.engine.model.codebooks import BUNDLES_DIR
+
+    for manifest in sorted(BUNDLES_DIR.glob("*/manifest.json")):
+        meta = json.loads(manifest.read_text())
+        if meta.get("dataset", {}).get("load") == dataset:
+            return meta.get("chunking", {})
+    return {}
+
+
 @click.command("eval")
 @click.option("--model", "models", multiple=True,
               help="Model bundle name or directory (repeatable) [default: the default bundle].")
@@ -114,6 +214,10 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
 @click.option("--max-doc-tokens", type=click.IntRange(0), default=None,
               help="First N tokens of each document [default: the bundle's training setting; "
                    "0 = whole documents].")
+@click.option("--dense-finetuned", default="auto", show_default=True,
+              help="A fine-tuned dense model directory (`incstream train-dense`) for "
+                   "acc_dense_finetuned; 'auto': <data dir>/bundles/<task>-minilm-dense-"
+                   "finetuned when it exists; 'none': skip.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @click.option("--update-manifest", is_flag=True,
@@ -123,10 +227,11 @@ def train_command(dataset: str, out: Path | None, k: int, steps: int, batch_docs
 @click.option("--quiet", is_flag=True)
 def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit: int | None,
                  incremental_docs: int | None, chunk_tokens: int | None,
-                 max_doc_tokens: int | None, device: str,
+                 max_doc_tokens: int | None, dense_finetuned: str, device: str,
                  threads: int | None, update_manifest: bool, json_out: Path,
                  quiet: bool) -> None:
-    """Test accuracy (and macro-F1) of the dense, VQ and incrementally reached VQ answers."""
+    """Test accuracy (and macro-F1) of the dense (linear probe, fine-tuned), VQ and
+    incrementally reached VQ answers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _threads(threads)
     import torch
@@ -147,6 +252,8 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
         _, dense_head = load_heads(name)
         fetch_labelled_data(dataset or manifest["dataset"]["load"], quiet)
         data = load_dataset(dataset or manifest["dataset"]["load"]).split(split)
+        finetuned = find_dense_finetuned(dense_finetuned, dataset or manifest["dataset"]["load"],
+                                         manifest["labels"], device)
         chunking = manifest["chunking"]
         tokens = chunking["max_doc_tokens"] if max_doc_tokens is None else max_doc_tokens or None
         row = evaluate_dataset(model, dense_head, load_tokenizer(manifest["base_model"]), data,
@@ -154,7 +261,7 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
                                max_doc_tokens=tokens,
                                keep=chunking.get("keep", "head"),
                                limit=limit, incremental_docs=incremental_docs,
-                               progress=not quiet)
+                               progress=not quiet, finetuned=finetuned)
         row["model"] = manifest["name"]
         row["chunk_tokens"] = chunk_tokens or chunking["chunk_tokens"]
         row["device"] = str(model.device)
@@ -165,13 +272,35 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
             fresh.setdefault("metrics", {})[split] = row
             (path / "manifest.json").write_text(json.dumps(fresh, indent=2) + "\n")
         if not quiet:
-            click.echo(f"{row['name']}: n={row['n_test']} acc dense {row['acc_dense']:.4f} "
+            click.echo(f"{row['name']}: n={row['n_test']} acc dense probe "
+                       f"{row['acc_dense_probe']:.4f} fine-tuned {row['acc_dense_finetuned']} "
                        f"vq {row['acc_vq']:.4f} incremental {row['acc_incremental']} "
-                       f"f1 dense {row['f1_dense']:.4f} vq {row['f1_vq']:.4f}")
+                       f"f1 dense probe {row['f1_dense_probe']:.4f} fine-tuned "
+                       f"{row['f1_dense_finetuned']} vq {row['f1_vq']:.4f}")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps({"datasets": results}, indent=2) + "\n")
     if not quiet:
         click.echo(f"wrote {json_out}")
+
+
+def find_dense_finetuned(choice: str, dataset: str, labels: list[str], device: str):
+    """The fine-tuned dense model `eval` reports next to the probe (None: none, or 'auto'
+    found none). Its labels must be the bundle's, in the same order."""
+    from incstream.engine.model.dense_finetuned import default_path, load_dense_finetuned
+
+    if choice == "none":
+        return None
+    path = default_path(dataset) if choice == "auto" else Path(choice)
+    if not (path / "manifest.json").exists():
+        if choice == "auto":
+            return None
+        raise click.BadParameter(f"no fine-tuned dense model at {path}",
+                                 param_hint="--dense-finetuned")
+    model = load_dense_finetuned(path, device=device)
+    if list(model.manifest["labels"]) != list(labels):
+        raise click.BadParameter(f"{path} was trained for labels {model.manifest['labels']}, "
+                                 f"the bundle has {labels}", param_hint="--dense-finetuned")
+    return model
 
 
 @click.command("classify")

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from incstream.engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle, read_manifest  # noqa: E402
 from incstream.engine.training.dataset_sources import DatasetFilesMissing  # noqa: E402
-from incstream.engine.training.evaluate import accuracy, macro_f1  # noqa: E402
+from incstream.engine.training.evaluate import accuracy, macro_f1, probe_metrics  # noqa: E402
 from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset  # noqa: E402
 
 BUNDLES = (DEFAULT_MODEL, "news-outlets-minilm-vq64")
@@ -76,7 +76,7 @@ def test_shipped_bundles_meet_the_accuracy_target() -> None:
     for name in BUNDLES:
         _, manifest = read_manifest(name)
         test = manifest["metrics"]["test"]
-        assert test["acc_vq"] >= test["acc_dense"] - 0.01, name
+        assert test["acc_vq"] >= probe_metrics(test)[0] - 0.01, name
         assert test["incremental_agreement"] == 1.0, name
         assert test["n_incremental"] == test["n_test"], name
         assert "validation" in manifest["trained"]["selection"]
@@ -124,9 +124,9 @@ def test_recorded_answers_give_the_manifest_metrics(name: str) -> None:
     n_labels = len(manifest["labels"])
     assert len(docs) == test["n_test"]
     assert accuracy(vq, gold) == pytest.approx(test["acc_vq"], abs=1e-12)
-    assert accuracy(dense, gold) == pytest.approx(test["acc_dense"], abs=1e-12)
+    assert accuracy(dense, gold) == pytest.approx(probe_metrics(test)[0], abs=1e-12)
     assert macro_f1(vq, gold, n_labels) == pytest.approx(test["f1_vq"], abs=1e-12)
-    assert macro_f1(dense, gold, n_labels) == pytest.approx(test["f1_dense"], abs=1e-12)
+    assert macro_f1(dense, gold, n_labels) == pytest.approx(probe_metrics(test)[1], abs=1e-12)
     assert accuracy(vq, dense) == pytest.approx(test["vq_dense_agreement"], abs=1e-12)
     # ... and it is the current test split: same documents, same order, same gold labels.
     split = _test_split(name)

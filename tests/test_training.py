@@ -138,11 +138,14 @@ def test_eval_and_classify_commands(workdir: Path, trained) -> None:
     runner = CliRunner()
     out = workdir / "eval.json"
     res = runner.invoke(eval_command, ["--model", str(trained.bundle), "--split", "test",
-                                       "--incremental-docs", "2", "--json", str(out), "--quiet"])
+                                       "--incremental-docs", "2", "--dense-finetuned", "none",
+                                       "--json", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     row = json.loads(out.read_text())["datasets"][0]
-    for key in ("n_test", "acc_dense", "acc_vq", "acc_incremental", "f1_dense", "f1_vq"):
+    for key in ("n_test", "acc_dense_probe", "acc_vq", "acc_incremental", "f1_dense_probe",
+                "f1_vq"):
         assert key in row
+    assert row["acc_dense_finetuned"] is None  # no fine-tuned dense model for this task
     assert row["n_incremental"] == 2 and row["incremental_agreement"] == 1.0
     assert row["max_abs_logit_diff_vs_reference"] < 1e-4
     a, b = workdir / "a.txt", workdir / "b.txt"

@@ -1,7 +1,13 @@
 """`incstream eval` and `incstream classify`: accuracy of dense vs VQ vs incremental answers.
 
 Per document (chunked as DocumentSession does, see engine.training.train_data):
-- dense: the ORIGINAL float32 encoder (model.original) + the bundle's dense head;
+- dense probe: the ORIGINAL float32 encoder (model.original) + the bundle's dense head (a
+  logistic regression on frozen document vectors); keys `acc_dense_probe`, `f1_dense_probe`
+  (`acc_dense`, `f1_dense` in JSON written before the fine-tuned baseline: probe_metrics reads
+  both);
+- dense fine-tuned (when given, engine.model.dense_finetuned): the whole encoder and a head
+  fine-tuned for the task (`incstream train-dense`), on the same documents cut at its own
+  training chunk size; keys `acc_dense_finetuned`, `f1_dense_finetuned` (None without one);
 - vq: VQModel.forward (float64, THE REFERENCE) per chunk + the bundle's VQ head;
 - incremental: the document is built up by a replayed edit history in a DocumentSession
   (start from its first piece, then insert the remaining pieces one op at a time at the end,
@@ -22,8 +28,9 @@ from tqdm import tqdm
 
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.session import DocumentSession
+from incstream.engine.model.dense_finetuned import DenseFinetuned
 from incstream.engine.model.head import ClassificationHead, document_pooled
-from incstream.engine.model.minilm import forward_dense
+from incstream.engine.model.minilm import MiniLMWeights, forward_dense
 from incstream.engine.model.vq_model import VQModel
 from incstream.engine.training.labelled_datasets import LabelledDataset
 from incstream.engine.training.train_data import DocChunks, chunk_documents
@@ -46,8 +53,20 @@ def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
     return sum(p == g for p, g in zip(pred, gold, strict=True)) / max(1, len(gold))
 
 
+def probe_metrics(row: dict) -> tuple[float, float]:
+    """(accuracy, macro-F1) of the dense linear probe from an eval row, new keys or old."""
+    if "acc_dense_probe" in row:
+        return row["acc_dense_probe"], row["f1_dense_probe"]
+    return row["acc_dense"], row["f1_dense"]
+
+
 def dense_logits(model: VQModel, head: ClassificationHead, doc: DocChunks) -> torch.Tensor:
-    w = model.original
+    """The dense probe: the base encoder (model.original) + the bundle's dense head."""
+    return encoder_logits(model.original, head, doc)
+
+
+def encoder_logits(w: MiniLMWeights, head: ClassificationHead, doc: DocChunks) -> torch.Tensor:
+    """forward_dense per chunk, pooled like the engine (document_pooled), then `head`."""
     with torch.no_grad():
         pooled = [forward_dense(w, c.to(w.device), torch.arange(len(c), device=w.device)).mean(0)
                   for c in doc.chunks]
@@ -97,8 +116,9 @@ def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
                      dataset: LabelledDataset, *, chunk_tokens: int = 256,
                      max_doc_tokens: int | None = None, keep: str = "head",
                      limit: int | None = None,
-                     incremental_docs: int | None = None, progress: bool = False) -> dict:
-    """Dense / VQ / incremental metrics of one (test) split."""
+                     incremental_docs: int | None = None, progress: bool = False,
+                     finetuned: DenseFinetuned | None = None) -> dict:
+    """Dense (probe, and fine-tuned when given) / VQ / incremental metrics of one split."""
     started = time.time()
     policy = ChunkPolicy(max_tokens=chunk_tokens)
     texts, gold = list(dataset.texts), list(dataset.labels)
@@ -125,10 +145,10 @@ def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
     out = {
         "name": dataset.name,
         "n_test": len(docs),
-        "acc_dense": accuracy(pred_dense, gold),
+        "acc_dense_probe": accuracy(pred_dense, gold),
         "acc_vq": accuracy(pred_vq, gold),
         "acc_incremental": accuracy(pred_inc, gold_inc) if n_inc else None,
-        "f1_dense": macro_f1(pred_dense, gold, n_labels),
+        "f1_dense_probe": macro_f1(pred_dense, gold, n_labels),
         "f1_vq": macro_f1(pred_vq, gold, n_labels),
         "f1_incremental": macro_f1(pred_inc, gold_inc, n_labels) if n_inc else None,
         "n_incremental": n_inc,
@@ -142,7 +162,30 @@ def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
         "labels": list(dataset.label_names),
         "seconds": round(time.time() - started, 1),
     }
+    out.update(finetuned_metrics(finetuned, tokenizer, texts, gold, n_labels, max_doc_tokens,
+                                 keep, progress))
+    out["seconds"] = round(time.time() - started, 1)
     return out
+
+
+def finetuned_metrics(finetuned: DenseFinetuned | None, tokenizer, texts: Sequence[str],
+                      gold: Sequence[int], n_labels: int, max_doc_tokens: int | None, keep: str,
+                      progress: bool = False) -> dict:
+    """acc/f1_dense_finetuned on the same texts, cut at the fine-tuned model's chunk size."""
+    if finetuned is None:
+        return {"acc_dense_finetuned": None, "f1_dense_finetuned": None,
+                "dense_finetuned": None}
+    docs = chunk_documents(tokenizer, texts, ChunkPolicy(max_tokens=finetuned.chunk_tokens),
+                           max_doc_tokens, keep)
+    pred = [int(encoder_logits(finetuned.weights, finetuned.head, doc).argmax())
+            for doc in tqdm(docs, desc="eval dense fine-tuned", disable=not progress)]
+    return {"acc_dense_finetuned": accuracy(pred, gold),
+            "f1_dense_finetuned": macro_f1(pred, gold, n_labels),
+            "dense_finetuned": {"model": finetuned.manifest["name"],
+                                "chunk_tokens": finetuned.chunk_tokens,
+                                "trained": {k: finetuned.manifest["trained"].get(k) for k in
+                                            ("device", "torch_threads", "seconds",
+                                             "steps_run")}}}
 
 
 def classify_text(model: VQModel, tokenizer, text: str, chunk_tokens: int = 256,

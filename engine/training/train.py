@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from incstream.engine.incremental.chunks import ChunkPolicy
@@ -40,6 +40,11 @@ from incstream.engine.model.device import resolve_device
 from incstream.engine.model.minilm import load_minilm
 from incstream.engine.model.model_bundle import load_heads, read_manifest, save_model_bundle
 from incstream.engine.training.calibrate import calibrate
+from incstream.engine.training.checkpoints import (
+    optimizer_tensors,
+    read_checkpoint,
+    restore_optimizer,
+)
 from incstream.engine.training.dense_baseline import (
     L2_GRID,
     REFIT_L2_GRID,
@@ -176,38 +181,28 @@ def save_checkpoint(path: Path, model: TrainableVQ, opt: torch.optim.Optimizer, 
     path.mkdir(parents=True, exist_ok=True)
     tensors = {"codebooks": model.codebooks.detach(), "head.weight": model.head.weight.detach(),
                "head.bias": model.head.bias.detach()}
-    state = opt.state_dict()
-    for pid, st in state["state"].items():
-        for name, t in st.items():
-            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(t)
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    tensors.update(opt_tensors)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
               str(path / "checkpoint.safetensors"))
     meta = {"step": step, "config": cfg.identity(), "losses": losses,
-            "param_groups": state["param_groups"], **extra}
+            "param_groups": param_groups, **extra}
     (path / "checkpoint.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def load_checkpoint(path: Path, model: TrainableVQ, opt: torch.optim.Optimizer,
                     cfg: TrainConfig) -> tuple[int, list[float], dict] | None:
     """Restore model and optimizer; (step, losses, meta), or None if there is no checkpoint."""
-    if not (path / "checkpoint.json").exists():
+    found = read_checkpoint(path, cfg.identity())
+    if found is None:
         return None
-    meta = json.loads((path / "checkpoint.json").read_text())
-    if meta["config"] != cfg.identity():
-        raise ValueError(f"checkpoint {path} was made with other settings; delete it or pass "
-                         "another --checkpoint-dir")
-    t = load_file(str(path / "checkpoint.safetensors"))
+    meta, t = found
     dev = model.codebooks.device
     with torch.no_grad():
         model.codebooks.copy_(t["codebooks"])
         model.head.weight.copy_(t["head.weight"])
         model.head.bias.copy_(t["head.bias"])
-    state: dict = {"state": {}, "param_groups": meta["param_groups"]}
-    for key, v in t.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state["state"].setdefault(int(pid), {})[name] = v if name == "step" else v.to(dev)
-    opt.load_state_dict(state)
+    restore_optimizer(opt, t, meta["param_groups"], dev)
     return meta["step"], meta["losses"], meta
 
 
