@@ -1,4 +1,4 @@
-"""The dense fine-tuned model: the frozen float32 encoder + a linear head on pooled embeddings.
+"""The dense linear probe: the frozen float32 encoder + a linear head on pooled embeddings.
 
 Document vectors are computed once with the ORIGINAL model (engine.model.minilm.forward_dense, chunk
 by chunk, exactly what the engine's dense baseline runs) and cached as safetensors under

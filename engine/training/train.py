@@ -1,7 +1,7 @@
 """`incstream train`: turn the frozen MiniLM encoder into a VQ document classifier.
 
 Steps (all seeded, all deterministic on a given device):
-1. the dense fine-tuned model: frozen float32 encoder + logistic head on document vectors
+1. the dense linear probe: frozen float32 encoder + logistic head on document vectors
    (token-weighted mean of chunk mean-pools, chunks as DocumentSession makes them), fitted on
    the train split, L2 picked on validation (engine.training.dense_baseline; vectors cached);
 2. codebook init: layer-by-layer k-means on the training texts' attention contexts with earlier
@@ -274,7 +274,8 @@ def train(cfg: TrainConfig, dataset: LabelledDataset | None = None,
     val_docs = chunk_documents(tok, val_split.texts, policy, cfg.max_doc_tokens, cfg.keep)
     n_labels = len(data.label_names)
 
-    # 1. dense fine-tuned baseline (frozen encoder + logistic head)
+    # 1. dense linear probe (frozen encoder + logistic head; the fully fine-tuned baseline is
+    # engine.training.finetune_dense)
     base = load_minilm(base_model_path(cfg.base_model), torch.float32, dev)
     tag = f"{cfg.base_model}|{cfg.chunk_tokens}|{cfg.max_doc_tokens}"
     tag += "" if cfg.keep == "head" else f"|{cfg.keep}"
