@@ -22,7 +22,7 @@ from prom import metric
 
 from incstream.engine.benchmarks.bench import read_stream
 from incstream.engine.incremental.chunks import ChunkPolicy
-from incstream.engine.incremental.fast_mode import FastModeConfig
+from incstream.engine.incremental.fast_mode import resolve_mode
 from incstream.engine.incremental.session import DocumentSession
 from incstream.pipeline.producer import replay
 from incstream.pipeline.topic_reader import TopicReader
@@ -72,17 +72,18 @@ def test_fast_documents_moved_to_another_worker_answer_like_an_uninterrupted_one
     # chunking), and what a fresh fast build of the same text would answer instead.
     reference = fresh_session("x")
     model, tokenizer = reference.model, reference.tokenizer
+    mode = resolve_mode(None, mode="fast")  # the worker's dial (its matmul dtype: auto)
     policy = ChunkPolicy(max_tokens=reference.policy.max_tokens)
     expected, fresh_apart = {}, 0.0
     for history in histories:
         session = DocumentSession(model, tokenizer, history[0]["snapshot"], policy,
-                                  mode=FastModeConfig())
+                                  mode=mode)
         for event in history:
             if "ops" in event:
                 session.apply_ops(event["ops"])
             probs = torch.softmax(session.logits(), -1)
             expected[(event["doc_id"], event["rev"])] = probs
-        fresh = DocumentSession(model, tokenizer, session.text, policy, mode=FastModeConfig())
+        fresh = DocumentSession(model, tokenizer, session.text, policy, mode=mode)
         fresh_apart = max(fresh_apart,
                           float((torch.softmax(fresh.logits(), -1) - probs).abs().max()))
     # The test can fail: without the records the worker taking over would be this far off.
