@@ -123,10 +123,10 @@ class FastWeights:
 
     w: MiniLMWeights  # float32 base weights
     codebooks: Codebooks  # float32
-    tables: list[torch.Tensor]  # per layer (H, K, C): W_o,h . codebook_h, float32
-    # The same tables and the codebooks flattened to (H*K, C) and (H*K, d): head h's code c is
-    # row h*K + c (code_offsets[h] = h*K). One embedding lookup over a flat table is several
-    # times cheaper on CPU than advanced indexing of the (H, K, .) tensor by (head, code).
+    # The output lookup tables (W_o,h . codebook_h, float32) and the codebooks flattened to
+    # (H*K, C) and (H*K, d): head h's code c is row h*K + c (code_offsets[h] = h*K). One
+    # embedding lookup over a flat table is several times cheaper on CPU than advanced
+    # indexing of an (H, K, .) tensor by (head, code).
     tables_flat: list[torch.Tensor]  # per layer (H*K, C)
     codes_flat: list[torch.Tensor]  # per layer (H*K, d)
     code_offsets: torch.Tensor  # (H,) long: h*K
@@ -158,7 +158,6 @@ def _with_matmul_dtype(fw: FastWeights, dtype: torch.dtype) -> FastWeights:
 def _fast_weights32(model) -> FastWeights:
     w32 = model.original if model.original is not None else _cast(model.w, torch.float32)
     codebooks = model.codebooks.to(model.device, torch.float32)
-    tables = [t.to(torch.float32) for t in model.tables]
     codes = codebooks.codes  # (L, H, K, d)
     dist = torch.cdist(codes.flatten(0, 1), codes.flatten(0, 1))  # (L*H, K, K)
     dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
@@ -166,8 +165,9 @@ def _fast_weights32(model) -> FastWeights:
     wqkv = [(torch.cat([lw.wq, lw.wk, lw.wv]), torch.cat([lw.bq, lw.bk, lw.bv]))
             for lw in w32.layers]
     heads, k = codes.shape[1], codes.shape[2]
-    return FastWeights(w32, codebooks, tables,
-                       tables_flat=[t.flatten(0, 1).contiguous() for t in tables],
+    return FastWeights(w32, codebooks,
+                       tables_flat=[t.to(torch.float32).flatten(0, 1).contiguous()
+                                    for t in model.tables],
                        codes_flat=[c.flatten(0, 1).contiguous() for c in codes],
                        code_offsets=torch.arange(heads, device=codes.device) * k,
                        code_gap=gap, gap_median=gap.flatten(1).median(-1).values, wqkv=wqkv)
