@@ -9,10 +9,29 @@ and engine.training.finetune_dense. Nothing is pickled.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from incstream.paths import checkpoints_dir
+
+
+def checkpoint_dir(explicit: str | None, run_name: str) -> Path:
+    """Where a run's checkpoints go: `explicit` (--checkpoint-dir), else
+    <data home>/checkpoints/<run_name>."""
+    return Path(explicit) if explicit else checkpoints_dir() / run_name
+
+
+def config_identity(config: Any, not_shaping: tuple[str, ...]) -> dict:
+    """The settings of a run config (a dataclass) a checkpoint must share to be resumed: all
+    but `not_shaping` (paths, the device, how often to save)."""
+    d = asdict(config)
+    for key in not_shaping:
+        d.pop(key)
+    return d
 
 
 def read_checkpoint(path: Path, identity: dict) -> tuple[dict, dict[str, torch.Tensor]] | None:

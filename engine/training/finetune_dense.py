@@ -39,6 +39,8 @@ from incstream.engine.model.dense_finetuned import default_path, save_dense_fine
 from incstream.engine.model.device import resolve_device
 from incstream.engine.model.minilm import MiniLMWeights, load_minilm
 from incstream.engine.training.checkpoints import (
+    checkpoint_dir,
+    config_identity,
     optimizer_tensors,
     read_checkpoint,
     restore_optimizer,
@@ -49,7 +51,6 @@ from incstream.engine.training.train import step_batch
 from incstream.engine.training.train_data import DocChunks, chunk_documents, pad_chunks
 from incstream.engine.training.trainable_minilm import TrainableMiniLM, is_decayed
 from incstream.engine.training.vq_training import document_pool
-from incstream.paths import checkpoints_dir
 
 
 @dataclass
@@ -80,16 +81,11 @@ class FinetuneConfig:
         return Path(self.out) if self.out else default_path(self.dataset)
 
     def checkpoint_path(self) -> Path:
-        if self.checkpoint_dir:
-            return Path(self.checkpoint_dir)
-        return checkpoints_dir() / self.out_path().name
+        return checkpoint_dir(self.checkpoint_dir, self.out_path().name)
 
     def identity(self) -> dict:
         """The settings a checkpoint must share to be resumed (everything that shapes the run)."""
-        d = asdict(self)
-        for key in ("out", "checkpoint_every", "checkpoint_dir", "device"):
-            d.pop(key)
-        return d
+        return config_identity(self, ("out", "checkpoint_every", "checkpoint_dir", "device"))
 
 
 @dataclass

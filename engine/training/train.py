@@ -41,6 +41,8 @@ from incstream.engine.model.minilm import load_minilm
 from incstream.engine.model.model_bundle import load_heads, read_manifest, save_model_bundle
 from incstream.engine.training.calibrate import calibrate
 from incstream.engine.training.checkpoints import (
+    checkpoint_dir,
+    config_identity,
     optimizer_tensors,
     read_checkpoint,
     restore_optimizer,
@@ -55,7 +57,7 @@ from incstream.engine.training.dense_baseline import (
 from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset
 from incstream.engine.training.train_data import DocChunks, chunk_documents, pad_chunks
 from incstream.engine.training.vq_training import TrainableVQ, distillation_kl, document_pool
-from incstream.paths import bundles_dir, checkpoints_dir, dense_cache_dir
+from incstream.paths import bundles_dir, dense_cache_dir
 
 
 @dataclass
@@ -98,16 +100,12 @@ class TrainConfig:
         return bundles_dir() / f"{slug}-minilm-vq{self.k}"
 
     def checkpoint_path(self) -> Path:
-        if self.checkpoint_dir:
-            return Path(self.checkpoint_dir)
-        return checkpoints_dir() / self.bundle_path().name
+        return checkpoint_dir(self.checkpoint_dir, self.bundle_path().name)
 
     def identity(self) -> dict:
         """The settings a checkpoint must share to be resumed (not steps or paths)."""
-        d = asdict(self)
-        for key in ("steps", "out", "checkpoint_every", "checkpoint_dir", "device", "cache_dir"):
-            d.pop(key)
-        return d
+        return config_identity(self, ("steps", "out", "checkpoint_every", "checkpoint_dir",
+                                      "device", "cache_dir"))
 
     def l2_grid(self) -> tuple[float, ...]:
         return REFIT_L2_GRID if self.refit_head else L2_GRID
