@@ -162,6 +162,7 @@ def _register_subcommands() -> None:
     from incstream.pipeline.cli_model import (
         classify_command,
         eval_command,
+        train_adapted_command,
         train_command,
         train_dense_command,
     )
@@ -173,6 +174,7 @@ def _register_subcommands() -> None:
     cli.add_command(bench)
     cli.add_command(train_command, "train")
     cli.add_command(train_dense_command, "train-dense")
+    cli.add_command(train_adapted_command, "train-adapted")
     cli.add_command(eval_command, "eval")
     cli.add_command(classify_command, "classify")
 

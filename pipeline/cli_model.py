@@ -1,8 +1,8 @@
-"""`incstream train`, `train-dense`, `eval`, `classify`: the model commands.
+"""`incstream train`, `train-dense`, `train-adapted`, `eval`, `classify`: the model commands.
 
 The logic lives in engine.training.train, engine.training.finetune_dense,
-engine.training.evaluate and engine.model.model_bundle; these are thin click
-wrappers (registered on the main group with cli.add_command).
+engine.training.train_adapted, engine.training.evaluate and engine.model.model_bundle; these are
+thin click wrappers (registered on the main group with cli.add_command).
 """
 
 from __future__ import annotations
@@ -186,6 +186,71 @@ def train_dense_command(dataset: str, out: Path | None, steps: int, batch: int,
                            "seconds": result.record["seconds"]}, indent=2))
 
 
+@click.command("train-adapted")
+@click.option("--dataset", default="pang-lee-polarity", show_default=True,
+              help="Built-in dataset name or a CSV/TSV/JSONL file with text,label.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle directory [default: <data dir>/bundles/<task>-minilm-vq<K>-adapted].")
+@click.option("--teacher", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The fine-tuned dense model distilled from [default: <data dir>/bundles/"
+                   "<task>-minilm-dense-finetuned, written by `incstream train-dense`].")
+@click.option("--init", default=None,
+              help="Codebook or model bundle the codebooks start from [default: the task's "
+                   "shipped <task>-minilm-vq64].")
+@click.option("--steps", type=click.IntRange(1), default=400, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Chunks per step (one per document); each also trains as an edited pair.")
+@click.option("--train-docs", type=click.IntRange(1), default=None,
+              help="Use a seeded subsample of N training documents.")
+@click.option("--rank", type=click.IntRange(1), default=8, show_default=True,
+              help="Rank of the adapters on each block's six matrices.")
+@click.option("--lr", type=float, default=5e-4, show_default=True,
+              help="Learning rate of the adapters, biases and LayerNorm.")
+@click.option("--w-stability", type=float, default=1.0, show_default=True,
+              help="Weight of the stability term: contexts of rows away from an edit pulled "
+                   "onto their codes before it.")
+@click.option("--w-commit", type=float, default=0.25, show_default=True,
+              help="Weight of the commitment term |ctx - sg(code)|^2.")
+@click.option("--w-kd", type=float, default=1.0, show_default=True,
+              help="Weight of distillation from the teacher's logits.")
+@click.option("--w-hidden", type=float, default=1.0, show_default=True,
+              help="Weight of the last-hidden-state MSE to the teacher.")
+@click.option("--max-edits", type=click.IntRange(1), default=3, show_default=True,
+              help="Random edits per training pair (typing-sized and hunks).")
+@click.option("--eval-every", type=click.IntRange(1), default=100, show_default=True,
+              help="Validation (whole documents, VQ answers) every N steps; the best is kept.")
+@run_options("bundle name")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_adapted_command(dataset: str, out: Path | None, teacher: Path | None,
+                          init: str | None, steps: int, batch: int, train_docs: int | None,
+                          rank: int, lr: float, w_stability: float, w_commit: float,
+                          w_kd: float, w_hidden: float, max_edits: int, eval_every: int,
+                          seed: int, device: str, checkpoint_every: int,
+                          checkpoint_dir: Path | None, threads: int | None,
+                          quiet: bool) -> None:
+    """Train a VQ bundle with an adapted encoder: distilled from the fine-tuned dense model,
+    under the fast mode's position ids, with codes trained to stay put across edits."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _threads(threads)
+    from incstream.engine.training.train_adapted import AdaptedConfig, train_adapted
+
+    shipped = shipped_chunking(dataset)
+    cfg = AdaptedConfig(
+        dataset=dataset, out=str(out) if out else None,
+        teacher=str(teacher) if teacher else None, init=init, steps=steps, batch=batch,
+        train_docs=train_docs, rank=rank, lr=lr, w_stability=w_stability, w_commit=w_commit,
+        w_kd=w_kd, w_hidden=w_hidden, max_edits=max_edits, eval_every=eval_every,
+        eval_max_doc_tokens=shipped.get("max_doc_tokens", 512) or None,
+        eval_keep=shipped.get("keep", "head"), seed=seed, device=device,
+        checkpoint_every=checkpoint_every,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    fetch_labelled_data(dataset, quiet)
+    result = train_adapted(cfg, progress=not quiet)
+    click.echo(json.dumps({"bundle": str(result.path), "best": result.record["best"],
+                           "seconds": result.record["seconds"]}, indent=2))
+
+
 def shipped_chunking(dataset: str) -> dict:
     """The chunking of the shipped bundle trained on `dataset` ({} if there is none): the
     evaluation setting a fine-tuned dense model is selected and compared under."""
@@ -218,6 +283,10 @@ def shipped_chunking(dataset: str) -> dict:
               help="A fine-tuned dense model directory (`incstream train-dense`) for "
                    "acc_dense_finetuned; 'auto': <data dir>/bundles/<task>-minilm-dense-"
                    "finetuned when it exists; 'none': skip.")
+@click.option("--fast/--no-fast", default=True, show_default=True,
+              help="Also replay each incremental document's history in the fast mode (the "
+                   "dial a worker would run with this bundle) for acc_vq_fast and "
+                   "label_agreement_fast_vs_fresh.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @click.option("--update-manifest", is_flag=True,
@@ -227,7 +296,7 @@ def shipped_chunking(dataset: str) -> dict:
 @click.option("--quiet", is_flag=True)
 def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit: int | None,
                  incremental_docs: int | None, chunk_tokens: int | None,
-                 max_doc_tokens: int | None, dense_finetuned: str, device: str,
+                 max_doc_tokens: int | None, dense_finetuned: str, fast: bool, device: str,
                  threads: int | None, update_manifest: bool, json_out: Path,
                  quiet: bool) -> None:
     """Test accuracy (and macro-F1) of the dense (linear probe, fine-tuned), VQ and
@@ -236,6 +305,7 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
     _threads(threads)
     import torch
 
+    from incstream.engine.incremental.fast_mode import resolve_mode
     from incstream.engine.model.base_model import load_tokenizer
     from incstream.engine.model.model_bundle import (
         DEFAULT_MODEL,
@@ -261,7 +331,9 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
                                max_doc_tokens=tokens,
                                keep=chunking.get("keep", "head"),
                                limit=limit, incremental_docs=incremental_docs,
-                               progress=not quiet, finetuned=finetuned)
+                               progress=not quiet, finetuned=finetuned,
+                               fast=resolve_mode(manifest.get("engine"), mode="fast")
+                               if fast else None)
         row["model"] = manifest["name"]
         row["chunk_tokens"] = chunk_tokens or chunking["chunk_tokens"]
         row["device"] = str(model.device)
@@ -275,6 +347,8 @@ def eval_command(models: tuple[str, ...], dataset: str | None, split: str, limit
             click.echo(f"{row['name']}: n={row['n_test']} acc dense probe "
                        f"{row['acc_dense_probe']:.4f} fine-tuned {row['acc_dense_finetuned']} "
                        f"vq {row['acc_vq']:.4f} incremental {row['acc_incremental']} "
+                       f"vq fast {row['acc_vq_fast']} (labels = fresh "
+                       f"{row['label_agreement_fast_vs_fresh']}) "
                        f"f1 dense probe {row['f1_dense_probe']:.4f} fine-tuned "
                        f"{row['f1_dense_finetuned']} vq {row['f1_vq']:.4f}")
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from incstream.engine.model.codebooks import Codebooks
-from incstream.engine.model.minilm import MiniLMWeights, with_matmul_dtype
+from incstream.engine.model.minilm import MiniLMWeights, cast_weights, with_matmul_dtype
 
 MAX_POSITIONS = 512
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -156,7 +156,11 @@ def _with_matmul_dtype(fw: FastWeights, dtype: torch.dtype) -> FastWeights:
 
 
 def _fast_weights32(model) -> FastWeights:
-    w32 = model.original if model.original is not None else _cast(model.w, torch.float32)
+    # The float32 encoder: the bundle's own (base weights, or base + adapter, cast down from the
+    # float64 reference, which is exactly the float32 weights cast up), sharing the dense
+    # baseline's tensors when they are the same weights.
+    same = model.original is not None and not model.bundle.get("adapter")
+    w32 = model.original if same else cast_weights(model.w, torch.float32)
     codebooks = model.codebooks.to(model.device, torch.float32)
     codes = codebooks.codes  # (L, H, K, d)
     dist = torch.cdist(codes.flatten(0, 1), codes.flatten(0, 1))  # (L*H, K, K)
@@ -171,15 +175,3 @@ def _fast_weights32(model) -> FastWeights:
                        codes_flat=[c.flatten(0, 1).contiguous() for c in codes],
                        code_offsets=torch.arange(heads, device=codes.device) * k,
                        code_gap=gap, gap_median=gap.flatten(1).median(-1).values, wqkv=wqkv)
-
-
-def _cast(w: MiniLMWeights, dtype: torch.dtype) -> MiniLMWeights:
-    from dataclasses import fields, replace
-
-    def conv(v):
-        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-
-    layers = [replace(lw, **{f.name: conv(getattr(lw, f.name)) for f in fields(lw)})
-              for lw in w.layers]
-    top = {f.name: conv(getattr(w, f.name)) for f in fields(w) if f.name != "layers"}
-    return MiniLMWeights(**{**top, "layers": layers})

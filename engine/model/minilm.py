@@ -152,6 +152,20 @@ def with_matmul_dtype(w: MiniLMWeights, dtype: torch.dtype) -> MiniLMWeights:
     return replace(w, layers=layers)
 
 
+def cast_weights(w: MiniLMWeights, dtype: torch.dtype) -> MiniLMWeights:
+    """The same model with every floating-point tensor in `dtype` (w itself if already)."""
+    if w.dtype == dtype:
+        return w
+
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    layers = [replace(lw, **{name: conv(t) for name, t in vars(lw).items()}) for lw in w.layers]
+    return replace(w, word=conv(w.word), position=conv(w.position),
+                   token_type0=conv(w.token_type0), emb_ln_w=conv(w.emb_ln_w),
+                   emb_ln_b=conv(w.emb_ln_b), layers=layers)
+
+
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps)
 

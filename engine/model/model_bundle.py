@@ -6,7 +6,10 @@ A bundle is a directory engine/bundles/<name>/ (or any directory) holding:
 - codebooks.safetensors: {"codebooks": (layers, heads, K, d) float32}, the same file format as
   engine.model.codebooks bundles, so `--codebooks DIR` tools read a model bundle too;
 - head.safetensors: {"weight": (labels, C), "bias": (labels,)} the VQ model's head, and
-  {"dense_weight", "dense_bias"} the head of the dense baseline it was distilled from.
+  {"dense_weight", "dense_bias"} the head of the dense baseline it was distilled from;
+- adapter.safetensors (optional, engine.model.adapter): low-rank changes to the encoder, for a
+  bundle trained with an adapted encoder; merged into the weights at load time. Its manifest
+  says so ("adapter": {...}); without it the encoder is the base, frozen.
 The base encoder weights are never copied (they come from the base model package); nothing is
 pickled.
 """
@@ -20,11 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from incstream.engine.model.adapter import ADAPTER_FILE, load_adapter, merge_adapter, save_adapter
 from incstream.engine.model.base_model import base_model_path
 from incstream.engine.model.codebooks import Codebooks, bundle_dir, sha256_file
 from incstream.engine.model.device import resolve_device
 from incstream.engine.model.head import ClassificationHead
-from incstream.engine.model.minilm import load_minilm
+from incstream.engine.model.minilm import cast_weights, load_minilm
 from incstream.engine.model.vq_model import VQModel
 
 FORMAT = "incstream-model/v1"
@@ -38,7 +42,8 @@ def base_weights_sha256(base_model: str) -> str:
 
 def save_model_bundle(path: Path, codebooks: torch.Tensor, head_weight: torch.Tensor,
                       head_bias: torch.Tensor, dense_weight: torch.Tensor,
-                      dense_bias: torch.Tensor, manifest: dict) -> Path:
+                      dense_bias: torch.Tensor, manifest: dict,
+                      adapter: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a bundle; `manifest` gets the format, the base sha256 and the files' sha256."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -50,10 +55,15 @@ def save_model_bundle(path: Path, codebooks: torch.Tensor, head_weight: torch.Te
     save_file({"weight": f32(head_weight), "bias": f32(head_bias),
                "dense_weight": f32(dense_weight), "dense_bias": f32(dense_bias)},
               str(path / "head.safetensors"))
+    files = ["codebooks.safetensors", "head.safetensors"]
+    if adapter is not None:
+        save_adapter(path / ADAPTER_FILE, adapter)
+        files.append(ADAPTER_FILE)
+    elif (path / ADAPTER_FILE).exists():
+        (path / ADAPTER_FILE).unlink()  # a frozen-encoder bundle written over an adapted one
     full = {"format": FORMAT, **manifest,
             "base_weights_sha256": base_weights_sha256(manifest["base_model"]),
-            "files": {f: sha256_file(path / f)
-                      for f in ("codebooks.safetensors", "head.safetensors")}}
+            "files": {f: sha256_file(path / f) for f in files}}
     (path / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
     return path
 
@@ -99,8 +109,15 @@ def load_model_bundle(name_or_dir: str | Path = DEFAULT_MODEL,
     codes = load_file(str(path / "codebooks.safetensors"))["codebooks"]
     head, _ = load_heads(path)
     head = ClassificationHead(head.weight.to(dev), head.bias.to(dev), head.labels)
-    w64 = load_minilm(base_model_path(base), torch.float64, dev)
-    original = load_minilm(base_model_path(base), torch.float32, dev) if with_original else None
+    original = load_minilm(base_model_path(base), torch.float32, dev)
+    adapter = load_adapter(path)
+    if adapter is not None:
+        if not manifest.get("adapter"):
+            raise ValueError(f"{path}: {ADAPTER_FILE} present but the manifest has no 'adapter'")
+        w64 = cast_weights(merge_adapter(original, adapter), torch.float64)
+    else:
+        w64 = cast_weights(original, torch.float64)
+    original = original if with_original else None
     model = VQModel(w64, Codebooks.from_tensor(codes), head, original, name=base,
                     bundle=manifest)
     return model, manifest

@@ -15,7 +15,12 @@ Per document (chunked as DocumentSession does, see engine.training.train_data):
   on the same text. Stable positions and edit-driven chunk boundaries may differ from a fresh
   build, so logits can differ slightly; `incremental_agreement` is the fraction of documents
   whose label equals the VQ label, and `max_abs_logit_diff_vs_reference` the session's own
-  exactness check (engine.incremental.session.DocumentSession.reference_check) at the end.
+  exactness check (engine.incremental.session.DocumentSession.reference_check) at the end;
+- vq fast (when a fast-mode dial is given, engine.incremental.fast_mode): the same replayed
+  history in a fast-mode session, whose answer depends on the history (stable position ids,
+  held codes); keys `acc_vq_fast`, `f1_vq_fast`, `label_agreement_fast_vs_fresh` (the fraction
+  of those documents whose fast label equals the fresh one-shot VQ label) and
+  `max_abs_prob_diff_fast_vs_fresh` (median, p90, max over the documents).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from incstream.engine.incremental.chunks import ChunkPolicy
+from incstream.engine.incremental.fast_mode import FastModeConfig
 from incstream.engine.incremental.session import DocumentSession
 from incstream.engine.model.dense_finetuned import DenseFinetuned
 from incstream.engine.model.head import ClassificationHead, document_pooled
@@ -98,18 +104,29 @@ def edit_history(text: str, pieces: int = 4) -> tuple[str, list[list[dict]]]:
     return text[: cuts[0]], history
 
 
-def incremental_logits(model: VQModel, tokenizer, policy: ChunkPolicy,
-                       text: str) -> tuple[torch.Tensor, float]:
-    """Final logits of a session built by edit_history(text), and its reference check."""
+def incremental_logits(model: VQModel, tokenizer, policy: ChunkPolicy, text: str,
+                       mode: str | FastModeConfig = "exact") -> tuple[torch.Tensor, float]:
+    """Final logits of a session built by edit_history(text), and its reference check (the
+    largest logit difference from a fresh exact build: ~0 in exact mode, the divergence in
+    fast mode)."""
     first, history = edit_history(text)
     with torch.no_grad():
-        session = DocumentSession(model, tokenizer, first, policy)
+        session = DocumentSession(model, tokenizer, first, policy, mode=mode)
         for ops in history:
             session.apply_ops(ops)
         if session.text != text:
             raise AssertionError("replayed history did not rebuild the document")
         check = session.reference_check()
-        return session.logits().cpu(), check["max_abs_logit_diff"]
+        return session.logits().cpu().to(torch.float64), check["max_abs_logit_diff"]
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float] | None:
+    """median, p10, p90 and max of `values` (None when empty)."""
+    if not values:
+        return None
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"median": float(t.median()), "p10": float(t.quantile(0.1)),
+            "p90": float(t.quantile(0.9)), "max": float(t.max())}
 
 
 def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
@@ -117,8 +134,10 @@ def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
                      max_doc_tokens: int | None = None, keep: str = "head",
                      limit: int | None = None,
                      incremental_docs: int | None = None, progress: bool = False,
-                     finetuned: DenseFinetuned | None = None) -> dict:
-    """Dense (probe, and fine-tuned when given) / VQ / incremental metrics of one split."""
+                     finetuned: DenseFinetuned | None = None,
+                     fast: FastModeConfig | None = None) -> dict:
+    """Dense (probe, and fine-tuned when given) / VQ / incremental (exact, and fast when a dial
+    is given) metrics of one split."""
     started = time.time()
     policy = ChunkPolicy(max_tokens=chunk_tokens)
     texts, gold = list(dataset.texts), list(dataset.labels)
@@ -129,7 +148,7 @@ def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
     n_inc = len(docs) if incremental_docs is None else min(incremental_docs, len(docs))
     # an evenly spaced subset (splits are ordered by class, so a prefix would be one class)
     inc_idx = {round(j * len(docs) / n_inc) for j in range(n_inc)} if n_inc else set()
-    pred_dense, pred_vq, pred_inc = [], [], []
+    pred_dense, pred_vq, pred_inc, pred_fast, prob_diff_fast = [], [], [], [], []
     max_diff = 0.0
     for i, doc in enumerate(tqdm(docs, desc=f"eval {dataset.name}", disable=not progress)):
         pred_dense.append(int(dense_logits(model, dense_head, doc).argmax()))
@@ -139,6 +158,11 @@ def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
             logits, diff = incremental_logits(model, tokenizer, policy, doc.text)
             pred_inc.append(int(logits.argmax()))
             max_diff = max(max_diff, diff, float((logits - fresh).abs().max()))
+            if fast is not None:
+                fast_logits, _ = incremental_logits(model, tokenizer, policy, doc.text, fast)
+                pred_fast.append(int(fast_logits.argmax()))
+                prob_diff_fast.append(float((fast_logits.softmax(-1) - fresh.softmax(-1))
+                                            .abs().max()))
     inc_sorted = sorted(inc_idx)
     gold_inc = [gold[i] for i in inc_sorted]
     vq_inc = [pred_vq[i] for i in inc_sorted]
@@ -157,6 +181,11 @@ def evaluate_dataset(model: VQModel, dense_head: ClassificationHead, tokenizer,
         # incremental logits vs the per-chunk reference and vs the fresh (one-shot) VQ logits
         "max_abs_logit_diff_vs_reference": max_diff,
         "vq_dense_agreement": accuracy(pred_vq, pred_dense),
+        "acc_vq_fast": accuracy(pred_fast, gold_inc) if pred_fast else None,
+        "f1_vq_fast": macro_f1(pred_fast, gold_inc, n_labels) if pred_fast else None,
+        "label_agreement_fast_vs_fresh": accuracy(pred_fast, vq_inc) if pred_fast else None,
+        "max_abs_prob_diff_fast_vs_fresh": quantiles(prob_diff_fast),
+        "fast_mode": fast.as_dict() if fast is not None else None,
         "max_doc_tokens": max_doc_tokens,
         "keep": keep,
         "labels": list(dataset.label_names),

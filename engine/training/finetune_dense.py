@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,10 +119,12 @@ def chunk_batch_loss(model: TrainableMiniLM, chunks: list[torch.Tensor],
     return F.cross_entropy(model.head(model.encode(ids.to(dev), mask.to(dev))), labels.to(dev))
 
 
-def document_logits(model: TrainableMiniLM, docs: list[DocChunks], batch: int = 32
-                    ) -> torch.Tensor:
+def document_logits(model: TrainableMiniLM, docs: list[DocChunks], batch: int = 32,
+                    encode: Callable | None = None) -> torch.Tensor:
     """(N, labels) float32 logits of whole documents: chunks batched by length, pooled per
-    document by token count (engine.model.head.document_pooled), then the head."""
+    document by token count (engine.model.head.document_pooled), then the head. `encode`
+    (ids, mask) -> pooled (B, C) replaces model.encode (the VQ trainer's quantized forward)."""
+    encode = encode or model.encode
     dev = model.head.weight.device
     chunks = [(d, c) for d, doc in enumerate(docs) for c in doc.chunks]
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i][1]))
@@ -130,15 +133,15 @@ def document_logits(model: TrainableMiniLM, docs: list[DocChunks], batch: int = 
         for s in range(0, len(order), batch):
             part = order[s : s + batch]
             ids, mask = pad_chunks([chunks[i][1] for i in part])
-            pooled[part] = model.encode(ids.to(dev), mask.to(dev))
+            pooled[part] = encode(ids.to(dev), mask.to(dev))
         counts = torch.tensor([len(c) for _, c in chunks], device=dev)
         doc_index = torch.tensor([d for d, _ in chunks], device=dev)
         return model.head(document_pool(pooled, counts, doc_index, len(docs))).cpu()
 
 
 def validate(model: TrainableMiniLM, docs: list[DocChunks], y: torch.Tensor,
-             n_labels: int) -> dict:
-    logits = document_logits(model, docs)
+             n_labels: int, encode: Callable | None = None) -> dict:
+    logits = document_logits(model, docs, encode=encode)
     pred = logits.argmax(-1)
     return {"val_acc": float((pred == y).float().mean()),
             "val_f1": macro_f1(pred.tolist(), y.tolist(), n_labels),

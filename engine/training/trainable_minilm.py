@@ -52,19 +52,26 @@ class TrainableMiniLM(nn.Module):
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids, mask (B, n), canonical positions 0..n-1, pads at the right -> pooled (B, C):
         the mean of each chunk's valid last hidden rows (what the engine pools per chunk)."""
-        w, cfg = self.weights(), self.cfg
-        b, n = ids.shape
-        h, d = cfg.heads, cfg.head_dim
-        macs = MacCounter()  # not reported; the engine's own paths count MACs
-        x = embed(w, ids, torch.arange(n, device=ids.device).expand(b, n))  # (B, n, C)
-        pad_keys = ~mask[:, None, None, :]  # (B, 1, 1, n)
-        for lw in w.layers:
-            q = F.linear(x, lw.wq, lw.bq).view(b, n, h, d)
-            k = F.linear(x, lw.wk, lw.bk).view(b, n, h, d)
-            v = F.linear(x, lw.wv, lw.bv).view(b, n, h, d)
-            scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d)
-            probs = scores.masked_fill(pad_keys, float("-inf")).softmax(-1)
-            ctx = torch.einsum("bhij,bjhd->bihd", probs, v).reshape(b, n, h * d)
-            x = feed_forward_block(lw, x, F.linear(ctx, lw.wo, lw.bo), cfg.layer_norm_eps, macs)
+        x = encode_hidden(self.weights(), ids, mask)
         m = mask.unsqueeze(-1).to(x.dtype)
         return (x * m).sum(1) / m.sum(1)
+
+
+def encode_hidden(w: MiniLMWeights, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden state (B, n, C) of a right-padded batch, canonical positions 0..n-1, padding
+    keys masked out (each valid row equals forward_dense of its chunk alone)."""
+    cfg = w.config
+    b, n = ids.shape
+    h, d = cfg.heads, cfg.head_dim
+    macs = MacCounter()  # not reported; the engine's own paths count MACs
+    x = embed(w, ids, torch.arange(n, device=ids.device).expand(b, n))  # (B, n, C)
+    pad_keys = ~mask[:, None, None, :]  # (B, 1, 1, n)
+    for lw in w.layers:
+        q = F.linear(x, lw.wq, lw.bq).view(b, n, h, d)
+        k = F.linear(x, lw.wk, lw.bk).view(b, n, h, d)
+        v = F.linear(x, lw.wv, lw.bv).view(b, n, h, d)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d)
+        probs = scores.masked_fill(pad_keys, float("-inf")).softmax(-1)
+        ctx = torch.einsum("bhij,bjhd->bihd", probs, v).reshape(b, n, h * d)
+        x = feed_forward_block(lw, x, F.linear(ctx, lw.wo, lw.bo), cfg.layer_norm_eps, macs)
+    return x

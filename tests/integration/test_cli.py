@@ -19,7 +19,8 @@ def incstream(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_lists_the_subcommands():
     result = incstream("--help")
     assert result.returncode == 0
-    for command in ("demo", "worker", "produce", "broker", "bench"):
+    for command in ("demo", "worker", "produce", "broker", "bench", "train", "train-dense",
+                    "train-adapted", "eval", "classify"):
         assert f"  {command}" in result.stdout
     for command in ("demo", "worker", "produce", "broker", "bench"):
         assert incstream(command, "--help").returncode == 0
