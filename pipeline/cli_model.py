@@ -206,15 +206,20 @@ def train_dense_command(dataset: str, out: Path | None, steps: int, batch: int,
               help="Rank of the adapters on each block's six matrices.")
 @click.option("--lr", type=float, default=5e-4, show_default=True,
               help="Learning rate of the adapters, biases and LayerNorm.")
-@click.option("--w-stability", type=float, default=1.0, show_default=True,
+@click.option("--w-stability", type=float, default=0.25, show_default=True,
               help="Weight of the stability term: contexts of rows away from an edit pulled "
                    "onto their codes before it.")
-@click.option("--w-commit", type=float, default=0.25, show_default=True,
+@click.option("--w-commit", type=float, default=0.05, show_default=True,
               help="Weight of the commitment term |ctx - sg(code)|^2.")
+@click.option("--w-usage", type=float, default=1.0, show_default=True,
+              help="Weight of the code-usage term (keeps every code in use, against collapse).")
 @click.option("--w-kd", type=float, default=1.0, show_default=True,
               help="Weight of distillation from the teacher's logits.")
 @click.option("--w-hidden", type=float, default=1.0, show_default=True,
               help="Weight of the last-hidden-state MSE to the teacher.")
+@click.option("--refit-head/--no-refit-head", default=True, show_default=True,
+              help="After training, refit the VQ head by logistic regression on the student's "
+                   "document vectors (L2 picked on validation).")
 @click.option("--max-edits", type=click.IntRange(1), default=3, show_default=True,
               help="Random edits per training pair (typing-sized and hunks).")
 @click.option("--eval-every", type=click.IntRange(1), default=100, show_default=True,
@@ -225,6 +230,7 @@ def train_dense_command(dataset: str, out: Path | None, steps: int, batch: int,
 def train_adapted_command(dataset: str, out: Path | None, teacher: Path | None,
                           init: str | None, steps: int, batch: int, train_docs: int | None,
                           rank: int, lr: float, w_stability: float, w_commit: float,
+                          w_usage: float, refit_head: bool,
                           w_kd: float, w_hidden: float, max_edits: int, eval_every: int,
                           seed: int, device: str, checkpoint_every: int,
                           checkpoint_dir: Path | None, threads: int | None,
@@ -240,6 +246,7 @@ def train_adapted_command(dataset: str, out: Path | None, teacher: Path | None,
         dataset=dataset, out=str(out) if out else None,
         teacher=str(teacher) if teacher else None, init=init, steps=steps, batch=batch,
         train_docs=train_docs, rank=rank, lr=lr, w_stability=w_stability, w_commit=w_commit,
+        w_usage=w_usage, refit_head=refit_head,
         w_kd=w_kd, w_hidden=w_hidden, max_edits=max_edits, eval_every=eval_every,
         eval_max_doc_tokens=shipped.get("max_doc_tokens", 512) or None,
         eval_keep=shipped.get("keep", "head"), seed=seed, device=device,

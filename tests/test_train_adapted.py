@@ -119,6 +119,8 @@ def test_resume_bundle_and_exact_engine(workdir: Path) -> None:
     manifest = json.loads((whole.path / "manifest.json").read_text())
     assert manifest["adapter"]["rank"] == 8 and ADAPTER_FILE in manifest["files"]
     assert [p["step"] for p in manifest["trained"]["curve"]] == [0, 2, 4]
+    refit = manifest["trained"]["head_refit"]  # the head refitted on the student's vectors
+    assert refit["after"]["val_acc"] == manifest["metrics"]["validation"]["acc_vq"]
 
     # The engine runs base + adapter: its float64 weights are the trained float32 ones cast up,
     # and incremental inference on the adapted bundle stays exact.

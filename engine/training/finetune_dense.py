@@ -121,9 +121,16 @@ def chunk_batch_loss(model: TrainableMiniLM, chunks: list[torch.Tensor],
 
 def document_logits(model: TrainableMiniLM, docs: list[DocChunks], batch: int = 32,
                     encode: Callable | None = None) -> torch.Tensor:
-    """(N, labels) float32 logits of whole documents: chunks batched by length, pooled per
-    document by token count (engine.model.head.document_pooled), then the head. `encode`
-    (ids, mask) -> pooled (B, C) replaces model.encode (the VQ trainer's quantized forward)."""
+    """(N, labels) float32 logits of whole documents: document_vectors, then the head."""
+    with torch.no_grad():
+        return model.head(document_vectors(model, docs, batch, encode)).cpu()
+
+
+def document_vectors(model: TrainableMiniLM, docs: list[DocChunks], batch: int = 32,
+                     encode: Callable | None = None) -> torch.Tensor:
+    """(N, C) document vectors: chunks batched by length, pooled per document by token count
+    (engine.model.head.document_pooled). `encode` (ids, mask) -> pooled (B, C) replaces
+    model.encode (the VQ trainer's quantized forward)."""
     encode = encode or model.encode
     dev = model.head.weight.device
     chunks = [(d, c) for d, doc in enumerate(docs) for c in doc.chunks]
@@ -136,7 +143,7 @@ def document_logits(model: TrainableMiniLM, docs: list[DocChunks], batch: int = 
             pooled[part] = encode(ids.to(dev), mask.to(dev))
         counts = torch.tensor([len(c) for _, c in chunks], device=dev)
         doc_index = torch.tensor([d for d, _ in chunks], device=dev)
-        return model.head(document_pool(pooled, counts, doc_index, len(docs))).cpu()
+        return document_pool(pooled, counts, doc_index, len(docs))
 
 
 def validate(model: TrainableMiniLM, docs: list[DocChunks], y: torch.Tensor,
@@ -196,13 +203,18 @@ def load_checkpoint(path: Path, model: TrainableMiniLM, opt: torch.optim.Optimiz
 # ----------------------------------------------------------------------------------- train
 
 
+def train_indices(cfg: FinetuneConfig, n: int) -> list[int]:
+    """The training documents used: all n, or a seeded subsample of cfg.train_docs."""
+    if cfg.train_docs is None or cfg.train_docs >= n:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return sorted(torch.randperm(n, generator=gen)[: cfg.train_docs].tolist())
+
+
 def load_docs(cfg: FinetuneConfig, data: LabelledDataset, tok) -> tuple:
     """Chunked training and validation documents with their labels."""
     train_split, val_split = data.split("train"), data.split("validation")
-    idx = list(range(len(train_split)))
-    if cfg.train_docs is not None and cfg.train_docs < len(idx):
-        gen = torch.Generator().manual_seed(cfg.seed)
-        idx = sorted(torch.randperm(len(idx), generator=gen)[: cfg.train_docs].tolist())
+    idx = train_indices(cfg, len(train_split))
     policy = ChunkPolicy(max_tokens=cfg.chunk_tokens)
     train_docs = chunk_documents(tok, [train_split.texts[i] for i in idx], policy,
                                  cfg.train_max_doc_tokens, "head")

@@ -5,8 +5,9 @@ when nearby text changes, and the fast mode pays for that in divergence from a f
 This trainer adapts the encoder (engine.training.adapted_vq: rank-r adapters, biases and
 LayerNorm) together with the codebooks and the head, on chunks as the engine cuts them, with:
 
-- distillation from the fine-tuned dense teacher (`incstream train-dense`; its logits at
-  temperature T and its last hidden state), plus cross-entropy on the document's label;
+- distillation from the fine-tuned dense teacher (`incstream train-dense`): its logits at
+  temperature T and every block's output (mean squared error, averaged over the blocks), plus
+  cross-entropy on the document's label;
 - the fast mode's perturbations: every step trains on a batch of chunks x AND on x' = x after
   1-3 random edits (engine.training.edit_pairs) carrying the position ids the fast mode would
   give them (stable, duplicated where there is no room), the teacher seeing x' fresh (canonical
@@ -17,7 +18,8 @@ LayerNorm) together with the codebooks and the head, on chunks as the engine cut
   codes) this moves contexts away from Voronoi boundaries, so codes stay put without hysteresis
   and held codes agree with a fresh build's;
 - the VQ-VAE codebook term |sg(ctx) - c|^2, which keeps codes on their contexts as the encoder
-  moves.
+  moves, and a code-usage term (engine.training.adapted_vq) against the collapse that pulling
+  contexts onto codes invites.
 
 Batches: `batch` training documents per step (a seeded permutation per epoch), one chunk drawn
 from anywhere in each (engine.training.finetune_dense.step_chunks); the edits of a step come
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.model.adapter import ADAPTED_MATRICES, ADAPTER_FILE, WHOLE_FIELDS
 from incstream.engine.model.base_model import DEFAULT_BASE_MODEL, base_model_path, load_tokenizer
 from incstream.engine.model.codebooks import load_bundle
@@ -49,20 +52,23 @@ from incstream.engine.model.minilm import load_minilm
 from incstream.engine.model.model_bundle import load_heads, read_manifest, save_model_bundle
 from incstream.engine.training.adapted_vq import AdaptedVQ
 from incstream.engine.training.checkpoints import checkpoint_dir, config_identity
+from incstream.engine.training.dense_baseline import REFIT_L2_GRID, fit_dense_head
 from incstream.engine.training.edit_pairs import EditedChunk, edit_chunk
 from incstream.engine.training.finetune_dense import (
     better,
+    document_vectors,
     load_checkpoint,
     load_docs,
     lr_factor,
     model_tensors,
     save_checkpoint,
     step_chunks,
+    train_indices,
     validate,
 )
 from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset
-from incstream.engine.training.train_data import pad_chunks
-from incstream.engine.training.trainable_minilm import encode_hidden
+from incstream.engine.training.train_data import chunk_documents, pad_chunks
+from incstream.engine.training.trainable_minilm import encode_layers
 from incstream.engine.training.vq_training import distillation_kl
 from incstream.paths import bundles_dir
 
@@ -74,6 +80,10 @@ class AdaptedConfig:
     base_model: str = DEFAULT_BASE_MODEL
     teacher: str | None = None  # train-dense directory; default the task's default path
     init: str | None = None  # codebook/model bundle to start from; default <task>-minilm-vq64
+    head_init: str = "init"  # "init": the init bundle's VQ head; "teacher": the teacher's head
+    # after training: the VQ head refitted by logistic regression on the student's document
+    # vectors (L2 picked on validation), as `incstream train --refit-head` does
+    refit_head: bool = True
     chunk_tokens: int = 256
     train_max_doc_tokens: int | None = None
     eval_max_doc_tokens: int | None = 512
@@ -88,13 +98,14 @@ class AdaptedConfig:
     lr_head: float = 1e-3
     warmup: float = 0.1
     clip: float = 1.0
-    w_ce: float = 0.5
+    w_ce: float = 1.0
     w_kd: float = 1.0
     temperature: float = 2.0
-    w_hidden: float = 1.0
+    w_hidden: float = 0.0
     w_codebook: float = 1.0
-    w_commit: float = 0.25
-    w_stability: float = 1.0
+    w_commit: float = 0.05
+    w_stability: float = 0.25
+    w_usage: float = 1.0
     max_edits: int = 3
     shift_limit: int = 2  # as the fast mode's default (engine.incremental.fast_mode)
     eval_every: int = 100
@@ -163,13 +174,16 @@ def pair_loss(model: AdaptedVQ, teacher, teacher_head: tuple[torch.Tensor, torch
                         ids.shape[1])
     ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
     with torch.no_grad():  # the teacher sees every text fresh: canonical positions
-        t_hidden = encode_hidden(teacher, ids, mask)
+        t_layers = encode_layers(teacher, ids, mask)
+        t_hidden = t_layers[-1]
         m = mask.unsqueeze(-1).to(t_hidden.dtype)
         t_logits = ((t_hidden * m).sum(1) / m.sum(1)) @ teacher_head[0].T + teacher_head[1]
     out = model.encode(ids, mask, pos)
     logits = model.head(out.pooled)
     labels2 = labels.repeat(2).to(dev)
-    hidden = (((out.hidden - t_hidden) ** 2) * m).sum() / (m.sum() * model.cfg.hidden)
+    hidden = sum((((s - t) ** 2) * m).sum() for s, t in zip(out.layer_outputs, t_layers,
+                                                            strict=True))
+    hidden = hidden / (m.sum() * model.cfg.hidden * len(t_layers))
     src_b, src_r, dst_b, dst_r = (t.to(dev) for t in kept_index(edited))
     stability, same = torch.zeros((), device=dev), 0.0
     for ctx, codes, vectors in zip(out.contexts, out.codes, out.code_vectors, strict=True):
@@ -179,10 +193,10 @@ def pair_loss(model: AdaptedVQ, teacher, teacher_head: tuple[torch.Tensor, torch
     parts = {"ce": F.cross_entropy(logits, labels2),
              "kd": distillation_kl(logits, t_logits, cfg.temperature),
              "hidden": hidden, "codebook": out.codebook_loss, "commit": out.commitment_loss,
-             "stability": stability}
+             "stability": stability, "usage": out.usage_loss}
     loss = (cfg.w_ce * parts["ce"] + cfg.w_kd * parts["kd"] + cfg.w_hidden * parts["hidden"]
             + cfg.w_codebook * parts["codebook"] + cfg.w_commit * parts["commit"]
-            + cfg.w_stability * parts["stability"])
+            + cfg.w_stability * parts["stability"] + cfg.w_usage * parts["usage"])
     report = {k: float(v.detach()) for k, v in parts.items()}
     report["kept_codes_same"] = same / len(out.codes)
     return loss, report
@@ -200,6 +214,22 @@ def make_optimizer(model: AdaptedVQ, cfg: AdaptedConfig) -> torch.optim.AdamW:
          "base_lr": cfg.lr_head},
     ]
     return torch.optim.AdamW(groups)
+
+
+def start_vq_head(cfg: AdaptedConfig, teacher_head: tuple[torch.Tensor, torch.Tensor],
+                  n_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head training starts from: the init bundle's VQ head, fitted to the very features
+    the student starts with (so it starts at that bundle's accuracy; measured: from the
+    teacher's head, fitted to other features, the student sat at chance for 100 steps), or the
+    teacher's when the init bundle has no head for these labels."""
+    try:
+        vq_head, _ = load_heads(cfg.init_bundle())
+    except (FileNotFoundError, ValueError):
+        return teacher_head
+    if vq_head.weight.shape[0] != n_labels or cfg.head_init == "teacher":
+        return teacher_head
+    dev = teacher_head[0].device
+    return vq_head.weight.float().to(dev), vq_head.bias.float().to(dev)
 
 
 def vq_pooled(model: AdaptedVQ):
@@ -225,9 +255,10 @@ def train_adapted(cfg: AdaptedConfig, dataset: LabelledDataset | None = None,
     base = load_minilm(base_model_path(cfg.base_model), torch.float32, dev)
     codebooks = load_bundle(cfg.init_bundle())[0].codes
     model = AdaptedVQ(base, codebooks.to(dev), n_labels, cfg.rank, cfg.alpha, cfg.seed).to(dev)
-    with torch.no_grad():  # start from the teacher's head: the student is distilled onto it
-        model.head.weight.copy_(teacher_head[0])
-        model.head.bias.copy_(teacher_head[1])
+    start_head = start_vq_head(cfg, teacher_head, n_labels)
+    with torch.no_grad():
+        model.head.weight.copy_(start_head[0])
+        model.head.bias.copy_(start_head[1])
     opt = make_optimizer(model, cfg)
     ckpt = cfg.checkpoint_path()
     meta = load_checkpoint(ckpt, model, opt, cfg) or {
@@ -280,14 +311,41 @@ def train_adapted(cfg: AdaptedConfig, dataset: LabelledDataset | None = None,
             record(done)
         if done == stop_after:
             return AdaptedResult(None, meta["losses"], meta["curve"], {})
-    return write_bundle(cfg, data, model, ckpt, meta, dev, len(train_docs), tuned.manifest)
-
-
-def write_bundle(cfg: AdaptedConfig, data: LabelledDataset, model: AdaptedVQ, ckpt: Path,
-                 meta: dict, dev: torch.device, n_train: int, teacher: dict) -> AdaptedResult:
-    """The best-on-validation step as a model bundle with an adapter."""
     if meta["best"] is not None:
         model.load_state_dict(load_file(str(ckpt / "best.safetensors")))
+    if cfg.refit_head:
+        meta["refit"] = refit_vq_head(model, cfg, data, tok, val_docs, y_val, progress)
+    return write_bundle(cfg, data, model, meta, dev, len(train_docs), tuned.manifest)
+
+
+def refit_vq_head(model: AdaptedVQ, cfg: AdaptedConfig, data: LabelledDataset, tok,
+                  val_docs: list, y_val: torch.Tensor, progress: bool) -> dict:
+    """Refit the head on the trained student's document vectors: the training documents cut
+    as evaluation cuts them, logistic regression, L2 picked on validation."""
+    train_split = data.split("train")
+    policy = ChunkPolicy(max_tokens=cfg.chunk_tokens)
+    idx = train_indices(cfg, len(train_split))
+    docs = chunk_documents(tok, [train_split.texts[i] for i in idx], policy,
+                           cfg.eval_max_doc_tokens, cfg.eval_keep)
+    y_train = torch.tensor([train_split.labels[i] for i in idx])
+    encode = vq_pooled(model)
+    if progress:
+        print(f"refit head: document vectors of {len(docs)} training documents", flush=True)
+    x_train = document_vectors(model, docs, encode=encode)
+    x_val = document_vectors(model, val_docs, encode=encode)
+    before = validate(model, val_docs, y_val, len(data.label_names), encode)
+    w, b, info = fit_dense_head(x_train.cpu(), y_train, x_val.cpu(), y_val,
+                                len(data.label_names), REFIT_L2_GRID)
+    with torch.no_grad():
+        model.head.weight.copy_(w)
+        model.head.bias.copy_(b)
+    after = validate(model, val_docs, y_val, len(data.label_names), encode)
+    return {"l2": info["l2"], "grid": info["grid"], "before": before, "after": after}
+
+
+def write_bundle(cfg: AdaptedConfig, data: LabelledDataset, model: AdaptedVQ, meta: dict,
+                 dev: torch.device, n_train: int, teacher: dict) -> AdaptedResult:
+    """The best-on-validation step (head refitted) as a model bundle with an adapter."""
     init_path, init_manifest = read_manifest(cfg.init_bundle())
     _, probe_head = load_heads(init_path)  # the dense probe of the base encoder, unchanged
     trained = {
@@ -303,7 +361,7 @@ def write_bundle(cfg: AdaptedConfig, data: LabelledDataset, model: AdaptedVQ, ck
         "train_docs": n_train, "steps_run": len(meta["losses"]),
         "device": str(dev), "torch_threads": torch.get_num_threads(),
         "seconds": meta["seconds"], "config": asdict(cfg), "curve": meta["curve"],
-        "best": meta["best"]}
+        "best": meta["best"], "head_refit": meta.get("refit")}
     c = model.cfg
     manifest = {
         "name": cfg.out_path().name, "base_model": cfg.base_model, "task": data.name,
@@ -321,7 +379,8 @@ def write_bundle(cfg: AdaptedConfig, data: LabelledDataset, model: AdaptedVQ, ck
                     "source": data.source},
     }
     best = meta["best"] or meta["curve"][-1]
-    manifest["metrics"] = {"validation": {"acc_vq": best["val_acc"], "f1_vq": best["val_f1"],
+    final = meta["refit"]["after"] if meta.get("refit") else best
+    manifest["metrics"] = {"validation": {"acc_vq": final["val_acc"], "f1_vq": final["val_f1"],
                                           "step": best["step"],
                                           "acc_vq_init": meta["curve"][0]["val_acc"]}}
     path = save_model_bundle(cfg.out_path(), model.codebooks, model.head.weight,

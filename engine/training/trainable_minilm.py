@@ -60,12 +60,18 @@ class TrainableMiniLM(nn.Module):
 def encode_hidden(w: MiniLMWeights, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Last hidden state (B, n, C) of a right-padded batch, canonical positions 0..n-1, padding
     keys masked out (each valid row equals forward_dense of its chunk alone)."""
+    return encode_layers(w, ids, mask)[-1]
+
+
+def encode_layers(w: MiniLMWeights, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """encode_hidden, keeping every block's output: a list of (B, n, C), one per layer."""
     cfg = w.config
     b, n = ids.shape
     h, d = cfg.heads, cfg.head_dim
     macs = MacCounter()  # not reported; the engine's own paths count MACs
     x = embed(w, ids, torch.arange(n, device=ids.device).expand(b, n))  # (B, n, C)
     pad_keys = ~mask[:, None, None, :]  # (B, 1, 1, n)
+    outputs = []
     for lw in w.layers:
         q = F.linear(x, lw.wq, lw.bq).view(b, n, h, d)
         k = F.linear(x, lw.wk, lw.bk).view(b, n, h, d)
@@ -74,4 +80,5 @@ def encode_hidden(w: MiniLMWeights, ids: torch.Tensor, mask: torch.Tensor) -> to
         probs = scores.masked_fill(pad_keys, float("-inf")).softmax(-1)
         ctx = torch.einsum("bhij,bjhd->bihd", probs, v).reshape(b, n, h * d)
         x = feed_forward_block(lw, x, F.linear(ctx, lw.wo, lw.bo), cfg.layer_norm_eps, macs)
-    return x
+        outputs.append(x)
+    return outputs
