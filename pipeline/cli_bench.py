@@ -170,9 +170,11 @@ def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, modes: str, 
               show_default=True,
               help="Fast-mode settings to try, ';' between configurations.")
 @click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--model", "model", default="polarity-minilm-vq64", show_default=True,
+              help="Model bundle name or directory.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               required=True)
-def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int,
+def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int, model: str,
              json_out: Path) -> None:
     """The fast mode's dial: compute against divergence across settings (one replay each,
     peers measured in every replay)."""
@@ -187,14 +189,15 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int,
         settings = {k.strip(): _setting(v.strip())
                     for k, v in (item.split("=") for item in spec.split(","))}
         config = FastModeConfig(**settings)
-        result = run_bench(stream, docs=docs, events=events, mode="fast", fast=config,
-                           progress=False, full_dense_every=0)
+        result = run_bench(stream, docs=docs, events=events, model_bundle=model, mode="fast",
+                           fast=config, progress=False, full_dense_every=0)
         peers, div = result["peers"], result["divergence"]
         row = {"config": config.as_dict(),
                "chunk_cache_macs_ratio": peers["chunk_cache"]["macs_ratio"],
                "chunk_cache_time_ratio": peers["chunk_cache"]["time_ratio"],
                "chunk_cache_bf16_time_ratio": peers["chunk_cache_bf16"]["time_ratio"],
                "full_dense_macs_ratio": peers["full_dense"]["macs_ratio"],
+               "in_chunk_macs_ratio": result["macs_ratio_touched_chunks_vs_dense_vq"],
                "engine_macs_mean": result["engine"]["macs"]["mean"],
                "chunk_cache_macs_mean": peers["chunk_cache"]["macs"]["mean"],
                "label_agreement": div["label_agreement"],
@@ -207,7 +210,7 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int,
                    f"{row['full_dense_macs_ratio']['median']:5.0f}; labels "
                    f"{row['label_agreement']:.3f}, |dp| median "
                    f"{row['max_prob_diff']['median']:.3f} p90 {row['max_prob_diff']['p90']:.3f}")
-    out = {"stream": str(stream), "docs": docs, "events_cap_per_doc": events,
+    out = {"stream": str(stream), "model": model, "docs": docs, "events_cap_per_doc": events,
            "device": "cpu", "torch_threads": threads, "rows": rows}
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(out, indent=2) + "\n")

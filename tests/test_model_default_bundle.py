@@ -17,7 +17,8 @@ bundles in two steps, neither of which trusts the manifest:
 So a bundle, chunking, tokenization or head change that moves any answer fails step 2; a
 record edited to match a wrong manifest fails step 1. Regenerate the record only after
 re-evaluating a retrained bundle (``incstream eval --update-manifest``):
-``.venv/bin/python tests/test_model_default_bundle.py`` (about 5 min on one CPU thread).
+``.venv/bin/python tests/test_model_default_bundle.py [BUNDLE ...]`` (about 5 min on one CPU
+thread for all of them).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from incstream.engine.training.dataset_sources import DatasetFilesMissing  # noq
 from incstream.engine.training.evaluate import accuracy, macro_f1, probe_metrics  # noqa: E402
 from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset  # noqa: E402
 
-BUNDLES = (DEFAULT_MODEL, "news-outlets-minilm-vq64")
+BUNDLES = (DEFAULT_MODEL, "news-outlets-minilm-vq64", "polarity-minilm-vq64-stable")
 RECORD = Path(__file__).parent / "data" / "bundle-test-answers.json"
-SLICE_PER_CLASS = {DEFAULT_MODEL: 10, "news-outlets-minilm-vq64": 3}  # 20 and 27 documents
+SLICE_PER_CLASS = {DEFAULT_MODEL: 10, "news-outlets-minilm-vq64": 3,
+                   "polarity-minilm-vq64-stable": 3}  # 20, 27 and 6 documents
 VQ_ATOL = 1e-6  # float64 path; measured differences between runs are ~1e-15
 DENSE_ATOL = 1e-3  # float32 encoder; summation order may differ between BLAS builds
 
@@ -180,12 +182,16 @@ def answer_documents(name: str, texts: list[str]) -> list[tuple[list[float], lis
              [float(v) for v in vq_logits(model, d)]) for d in docs]
 
 
-def record_answers() -> None:
-    """Classify every test document of every shipped bundle and write RECORD."""
+def record_answers(names: list[str]) -> None:
+    """Classify every test document of the named shipped bundles (default: all) and write
+    RECORD, keeping the record of the others."""
     torch.set_num_threads(1)
     out: dict = {"note": "written by tests/test_model_default_bundle.py; see its docstring",
                  "bundles": {}}
-    for name in BUNDLES:
+    if RECORD.exists() and names:
+        kept = _record()["bundles"]
+        out["bundles"] = {name: kept[name] for name in BUNDLES if name in kept}
+    for name in names or BUNDLES:
         _, manifest = read_manifest(name)
         split = load_dataset(manifest["dataset"]["load"]).split("test")
         chunking = manifest["chunking"]
@@ -216,4 +222,4 @@ def record_answers() -> None:
 
 
 if __name__ == "__main__":
-    record_answers()
+    record_answers(sys.argv[1:])
