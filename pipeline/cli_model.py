@@ -197,19 +197,19 @@ def train_dense_command(dataset: str, out: Path | None, steps: int, batch: int,
 @click.option("--init", default=None,
               help="Codebook or model bundle the codebooks start from [default: the task's "
                    "shipped <task>-minilm-vq64].")
-@click.option("--steps", type=click.IntRange(1), default=400, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=8, show_default=True,
               help="Chunks per step (one per document); each also trains as an edited pair.")
 @click.option("--train-docs", type=click.IntRange(1), default=None,
               help="Use a seeded subsample of N training documents.")
 @click.option("--rank", type=click.IntRange(1), default=8, show_default=True,
               help="Rank of the adapters on each block's six matrices.")
-@click.option("--lr", type=float, default=5e-4, show_default=True,
+@click.option("--lr", type=float, default=2e-4, show_default=True,
               help="Learning rate of the adapters, biases and LayerNorm.")
-@click.option("--w-stability", type=float, default=0.25, show_default=True,
+@click.option("--w-stability", type=float, default=4.0, show_default=True,
               help="Weight of the stability term: contexts of rows away from an edit pulled "
                    "onto their codes before it.")
-@click.option("--w-commit", type=float, default=0.05, show_default=True,
+@click.option("--w-commit", type=float, default=0.5, show_default=True,
               help="Weight of the commitment term |ctx - sg(code)|^2.")
 @click.option("--w-usage", type=float, default=1.0, show_default=True,
               help="Weight of the code-usage term (keeps every code in use, against collapse).")
