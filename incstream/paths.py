@@ -48,6 +48,12 @@ def bundles_dir() -> Path:
     return data_home() / "bundles"
 
 
+def task_slug(dataset: str) -> str:
+    """The short task name trained models are named by: a dataset name or file's stem, with the
+    "pang-lee-" prefix dropped ("pang-lee-polarity" -> "polarity")."""
+    return Path(dataset).stem.replace("pang-lee-", "")
+
+
 def worker_dir() -> Path:
     """The worker's local RocksDB, unless ``INCSTREAM_DATA_DIR`` says otherwise."""
     return data_home() / "worker"

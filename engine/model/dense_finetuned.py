@@ -26,7 +26,7 @@ from incstream.engine.model.codebooks import sha256_file
 from incstream.engine.model.device import resolve_device
 from incstream.engine.model.head import ClassificationHead
 from incstream.engine.model.minilm import LayerWeights, MiniLMWeights, load_minilm
-from incstream.paths import bundles_dir
+from incstream.paths import bundles_dir, task_slug
 
 FORMAT = "incstream-dense-finetuned/v1"
 FILES = ("encoder-delta.safetensors", "head.safetensors")
@@ -36,8 +36,7 @@ ROW_TABLES = ("word", "position")
 
 def default_path(dataset: str) -> Path:
     """Where `incstream train-dense` writes a dataset's model unless told otherwise."""
-    slug = Path(dataset).stem.replace("pang-lee-", "")
-    return bundles_dir() / f"{slug}-minilm-dense-finetuned"
+    return bundles_dir() / f"{task_slug(dataset)}-minilm-dense-finetuned"
 
 
 def flat_tensors(w: MiniLMWeights) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ from incstream.engine.training.dense_baseline import (
 from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset
 from incstream.engine.training.train_data import DocChunks, chunk_documents, pad_chunks
 from incstream.engine.training.vq_training import TrainableVQ, distillation_kl, document_pool
-from incstream.paths import bundles_dir, dense_cache_dir
+from incstream.paths import bundles_dir, dense_cache_dir, task_slug
 
 
 @dataclass
@@ -96,7 +96,7 @@ class TrainConfig:
     def bundle_path(self) -> Path:
         if self.out:
             return Path(self.out)
-        slug = Path(self.dataset).stem.replace("pang-lee-", "")
+        slug = task_slug(self.dataset)
         return bundles_dir() / f"{slug}-minilm-vq{self.k}"
 
     def checkpoint_path(self) -> Path:

@@ -70,7 +70,7 @@ from incstream.engine.training.labelled_datasets import LabelledDataset, load_da
 from incstream.engine.training.train_data import chunk_documents, pad_chunks
 from incstream.engine.training.trainable_minilm import encode_layers
 from incstream.engine.training.vq_training import distillation_kl
-from incstream.paths import bundles_dir
+from incstream.paths import bundles_dir, task_slug
 
 
 @dataclass
@@ -117,17 +117,14 @@ class AdaptedConfig:
     checkpoint_every: int = 50
     checkpoint_dir: str | None = None
 
-    def slug(self) -> str:
-        return Path(self.dataset).stem.replace("pang-lee-", "")
-
     def init_bundle(self) -> str:
-        return self.init or f"{self.slug()}-minilm-vq64"
+        return self.init or f"{task_slug(self.dataset)}-minilm-vq64"
 
     def out_path(self) -> Path:
         if self.out:
             return Path(self.out)
         k = load_bundle(self.init_bundle())[0].k
-        return bundles_dir() / f"{self.slug()}-minilm-vq{k}-adapted"
+        return bundles_dir() / f"{task_slug(self.dataset)}-minilm-vq{k}-adapted"
 
     def teacher_path(self) -> Path:
         return Path(self.teacher) if self.teacher else default_path(self.dataset)
