@@ -311,6 +311,8 @@ class FastSplice:
         self.ids = torch.cat([chunk.token_ids[:r0], ins, chunk.token_ids[r1:]])
         self.pos, pushed = stable_positions(chunk.position_ids, r0, r1, m, cfg.shift_limit)
         self.n = len(self.ids)
+        # how far the update leaves a row's id from its canonical index (the refresh budget)
+        self.displacement = int((self.pos - torch.arange(self.n, device=dev)).abs().max())
         self.old_src = torch.cat([torch.arange(r0, device=dev),
                                   torch.full((m,), -1, dtype=torch.long, device=dev),
                                   torch.arange(r1, n_old, device=dev)])
@@ -404,10 +406,8 @@ class FastSplice:
         out = chunk.out.clone() if self.identity else chunk.out[self.gather]
         if len(s_idx):
             out[s_idx] = self.x_s.to(STORE)
-        canon = torch.arange(self.n, device=out.device)
         new = FastChunk(self.ids, self.pos, self.layers, out, _pooled(out),
-                        edits=chunk.edits + 1,
-                        displacement=int((self.pos - canon).abs().max()))
+                        edits=chunk.edits + 1, displacement=self.displacement)
         return new, self.report
 
 

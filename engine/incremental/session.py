@@ -302,12 +302,16 @@ class FastChunks:
         """The update as a FastSplice to run (alone or batched with others), or REFRESH /
         None when the chunk is to be rebuilt."""
         cfg = self.config
-        if ((cfg.refresh_edits and chunk.edits + 1 >= cfg.refresh_edits)
-                or (cfg.refresh_displacement and chunk.displacement > cfg.refresh_displacement)):
+        if cfg.refresh_edits and chunk.edits + 1 >= cfg.refresh_edits:
             return REFRESH  # rebuild canonically
         if prefix + suffix == 0:
             return None  # nothing kept
-        return FastSplice(self.fw, cfg, chunk, content, prefix, suffix, macs)
+        splice = FastSplice(self.fw, cfg, chunk, content, prefix, suffix, macs)
+        # Judged on the ids the update would leave, not those the chunk has: a chunk that is
+        # not edited again keeps its ids for good, so it must not be left past the budget.
+        if cfg.refresh_displacement and splice.displacement > cfg.refresh_displacement:
+            return REFRESH
+        return splice
 
     def update(self, chunk: FastChunk, content: Sequence[int], prefix: int, suffix: int,
                macs: MacCounter) -> tuple[FastChunk, FastUpdate] | str | None:

@@ -107,12 +107,14 @@ def test_displacement_budget_triggers_a_refresh(model, tokenizer):
     s = DocumentSession(model, tokenizer, TEXT, ChunkPolicy(max_tokens=256), mode=cfg)
     at = TEXT.index("The lack")
     refreshed = []
-    for word in ("a ", "b ", "c ", "d ", "e "):
+    for word in ("a ", "b ", "c ", "d ", "e ", "a whole clause of several more words "):
         report = s.apply_ops([{"retain": at}, {"insert": word}])
         at += len(word)
         refreshed.append(report.chunk_updates[0].refreshed)
-    assert any(refreshed) and not refreshed[0]
-    assert max(c.displacement for c in s.chunks) <= 2 + 2  # budget + one edit's worth
+        # The budget holds after every edit, not one edit late: a chunk left past it would
+        # keep its displaced ids until it is next edited, maybe never.
+        assert max(c.displacement for c in s.chunks) <= 2
+    assert any(refreshed) and not refreshed[0] and refreshed[-1]
 
 
 def test_mode_resolution():
