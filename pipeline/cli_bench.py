@@ -24,7 +24,8 @@ def bench() -> None:
 @click.option("--mode", type=click.Choice(["exact", "fast"]), default="fast",
               show_default=True, help="Engine mode to measure.")
 @click.option("--tau", type=float, default=None,
-              help="Fast mode: code hysteresis, x the median code gap (default: the mode's).")
+              help="Fast mode: code hysteresis, x the median code gap (default: the bundle's "
+              "dial, else the mode's).")
 @click.option("--context-tolerance", type=float, default=None,
               help="Fast mode: context drift held without recompute, x the median code gap.")
 @click.option("--refresh-edits", type=int, default=None,
@@ -60,12 +61,12 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     import torch
 
     from incstream.engine.benchmarks.bench import render_table, run_bench
-    from incstream.engine.incremental.fast_mode import fast_config
+    from incstream.engine.incremental.fast_mode import bundle_dial
 
     torch.set_num_threads(threads)
-    fast = fast_config(tau=tau, context_tolerance=context_tolerance,
-                       refresh_edits=refresh_edits, refresh_displacement=refresh_displacement,
-                       matmul=matmul)
+    fast = bundle_dial(None if codebooks else _bundle_engine(model), tau=tau,
+                       context_tolerance=context_tolerance, refresh_edits=refresh_edits,
+                       refresh_displacement=refresh_displacement, matmul=matmul)
     result = run_bench(stream, docs=docs, events=events, model_bundle=model, device=device,
                        chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet,
                        mode=mode, fast=fast, full_dense_every=full_dense_every)
@@ -74,6 +75,14 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     if not quiet:
         render_table(result)
         click.echo(f"wrote {json_out}")
+
+
+def _bundle_engine(model: str) -> dict:
+    """The engine section of a bundle's manifest: its fast dial is where a bench starts, as a
+    worker running that bundle does."""
+    from incstream.engine.model.model_bundle import read_manifest
+
+    return read_manifest(model)[1].get("engine", {})
 
 
 def _setting(value: str) -> float | int | str:
@@ -181,14 +190,14 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int, mode
     import torch
 
     from incstream.engine.benchmarks.bench import run_bench
-    from incstream.engine.incremental.fast_mode import FastModeConfig
+    from incstream.engine.incremental.fast_mode import bundle_dial
 
     torch.set_num_threads(threads)
     rows = []
     for spec in filter(None, (part.strip() for part in grid.split(";"))):
         settings = {k.strip(): _setting(v.strip())
                     for k, v in (item.split("=") for item in spec.split(","))}
-        config = FastModeConfig(**settings)
+        config = bundle_dial(_bundle_engine(model), **settings)
         result = run_bench(stream, docs=docs, events=events, model_bundle=model, mode="fast",
                            fast=config, progress=False, full_dense_every=0)
         peers, div = result["peers"], result["divergence"]

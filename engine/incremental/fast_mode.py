@@ -87,9 +87,19 @@ def resolve_mode(bundle_engine: dict | None = None, mode: str | None = None,
         raise ValueError(f"unknown engine mode {chosen!r} (exact or fast)")
     if chosen == "exact":
         return "exact"
-    dial = {"matmul": "auto", **bundle_engine.get("fast", {}),
+    auto = {"matmul": "auto", **bundle_engine.get("fast", {})}  # "auto" unless chosen
+    return bundle_dial({"fast": auto}, **overrides)
+
+
+def bundle_dial(bundle_engine: dict | None = None,
+                **overrides: float | int | str | None) -> FastModeConfig:
+    """The fast dial a model bundle asks for (its manifest's {"engine": {"fast": {...}}}),
+    then the default dial, with the given (non-None) settings replaced; matmul "auto" is
+    resolved for the CPU (resolve_matmul)."""
+    dial = {**(bundle_engine or {}).get("fast", {}),
             **{k: v for k, v in overrides.items() if v is not None}}
-    dial["matmul"] = resolve_matmul(str(dial["matmul"]))
+    if "matmul" in dial:
+        dial["matmul"] = resolve_matmul(str(dial["matmul"]))
     return FastModeConfig(**dial)
 
 

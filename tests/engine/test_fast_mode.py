@@ -16,6 +16,7 @@ from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.fast_chunk import stable_positions
 from incstream.engine.incremental.fast_mode import (
     FastModeConfig,
+    bundle_dial,
     native_bfloat16_cpu,
     resolve_matmul,
     resolve_mode,
@@ -132,6 +133,11 @@ def test_mode_resolution():
     assert resolve_mode(None, mode="fast", matmul="bfloat16").matmul == "bfloat16"
     with pytest.raises(ValueError):
         resolve_mode(None, mode="turbo")
+    # what a bench of a bundle starts from: its dial, then the flags given, float32 unless asked
+    assert bundle_dial({"mode": "fast", "fast": {"tau": 2.0}}).tau == 2.0
+    assert bundle_dial({"fast": {"tau": 2.0}}, tau=None, refresh_edits=8).as_dict() == {
+        **FastModeConfig().as_dict(), "tau": 2.0, "refresh_edits": 8}
+    assert bundle_dial(None, matmul="auto").matmul == native
 
 
 def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
