@@ -16,9 +16,10 @@ divergence for reuse, with four knobs:
   the moves add up past its slack: the distance it can travel before hysteresis could replace
   its code, and at least `context_tolerance` x the layer's median code gap;
 - refresh: a chunk is rebuilt canonically (a fresh build: canonical ids, nearest codes, nothing
-  held) after `refresh_edits` incremental updates, or when a row's id is more than
-  `refresh_displacement` away from its canonical index. This bounds how far history can pull
-  a chunk away from a fresh build; 0 disables a trigger.
+  held) after `refresh_edits` incremental updates, or instead of an update that would leave a
+  row's id more than `refresh_displacement` away from its canonical index (judged on the ids
+  the update leaves: a chunk edited once and then left alone keeps its ids for good). This
+  bounds how far history can pull a chunk away from a fresh build; 0 disables a trigger.
 
 Everything runs in float32 and the kept state is float16 (engine.incremental.fast_chunk): only
 what an update needs. A fifth knob, `matmul`, runs the per-row linear layers (Q/K/V and the
