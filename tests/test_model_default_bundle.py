@@ -39,10 +39,12 @@ from incstream.engine.training.dataset_sources import DatasetFilesMissing  # noq
 from incstream.engine.training.evaluate import accuracy, macro_f1, probe_metrics  # noqa: E402
 from incstream.engine.training.labelled_datasets import LabelledDataset, load_dataset  # noqa: E402
 
-BUNDLES = (DEFAULT_MODEL, "news-outlets-minilm-vq64", "polarity-minilm-vq64-stable")
+BUNDLES = (DEFAULT_MODEL, "news-outlets-minilm-vq64", "polarity-minilm-vq64-stable",
+           "news-outlets-minilm-vq64-stable")
 RECORD = Path(__file__).parent / "data" / "bundle-test-answers.json"
 SLICE_PER_CLASS = {DEFAULT_MODEL: 10, "news-outlets-minilm-vq64": 3,
-                   "polarity-minilm-vq64-stable": 3}  # 20, 27 and 6 documents
+                   "polarity-minilm-vq64-stable": 3,
+                   "news-outlets-minilm-vq64-stable": 1}  # 20, 27, 6 and 9 documents
 VQ_ATOL = 1e-6  # float64 path; measured differences between runs are ~1e-15
 DENSE_ATOL = 1e-3  # float32 encoder; summation order may differ between BLAS builds
 
