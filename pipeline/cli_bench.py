@@ -119,11 +119,11 @@ def engine_batch_cmd(stream: Path, batches: str, rounds: int, matmul: str | None
     import torch
 
     from incstream.engine.benchmarks.batching import render_batch_table, run_batch_bench
-    from incstream.engine.incremental.fast_mode import fast_config
+    from incstream.engine.incremental.fast_mode import bundle_dial
 
     torch.set_num_threads(threads)
     sizes = tuple(int(b) for b in batches.split(",") if b.strip())
-    result = run_batch_bench(stream, sizes, rounds, fast=fast_config(matmul=matmul),
+    result = run_batch_bench(stream, sizes, rounds, fast=bundle_dial(matmul=matmul),
                              device=device, progress=not quiet)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
@@ -193,11 +193,12 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int, mode
     from incstream.engine.incremental.fast_mode import bundle_dial
 
     torch.set_num_threads(threads)
+    bundle_engine = _bundle_engine(model)
     rows = []
     for spec in filter(None, (part.strip() for part in grid.split(";"))):
         settings = {k.strip(): _setting(v.strip())
                     for k, v in (item.split("=") for item in spec.split(","))}
-        config = bundle_dial(_bundle_engine(model), **settings)
+        config = bundle_dial(bundle_engine, **settings)
         result = run_bench(stream, docs=docs, events=events, model_bundle=model, mode="fast",
                            fast=config, progress=False, full_dense_every=0)
         peers, div = result["peers"], result["divergence"]

@@ -61,7 +61,12 @@ class FastChunk:
     out: torch.Tensor  # (n, C) float16, last hidden state
     pooled: torch.Tensor  # (C,) float64 mean of `out` rows
     edits: int = 0  # incremental updates since the chunk was last built canonically
-    displacement: int = 0  # max |position id - canonical index| over rows
+
+    @property
+    def displacement(self) -> int:
+        """max |position id - canonical index| over rows (derived, never stored: what the
+        refresh budget bounds)."""
+        return _displacement(self.position_ids)
 
     def nbytes(self) -> int:
         tensors = [self.token_ids, self.position_ids, self.out, self.pooled]
@@ -85,6 +90,11 @@ class FastUpdate:
 
 
 # ----- pieces shared by the build and the update
+
+def _displacement(position_ids: torch.Tensor) -> int:
+    canonical = torch.arange(len(position_ids), device=position_ids.device)
+    return int((position_ids - canonical).abs().max())
+
 
 def _pooled(out: torch.Tensor) -> torch.Tensor:
     return out.to(torch.float64).mean(0)
@@ -232,8 +242,7 @@ def restore_fast_chunk(fw: FastWeights, cfg: FastModeConfig, record: ChunkRecord
         x = feed_forward_block(lw, x, _lookup(fw, layer, held, macs), fw.w.config.layer_norm_eps,
                                macs)
     out = x.to(STORE)
-    return FastChunk(ids, pos, layers, out, _pooled(out), edits=record.edits,
-                     displacement=record.displacement)
+    return FastChunk(ids, pos, layers, out, _pooled(out), edits=record.edits)
 
 
 def fast_chunk_record(chunk: FastChunk) -> ChunkRecord:
@@ -312,7 +321,7 @@ class FastSplice:
         self.pos, pushed = stable_positions(chunk.position_ids, r0, r1, m, cfg.shift_limit)
         self.n = len(self.ids)
         # how far the update leaves a row's id from its canonical index (the refresh budget)
-        self.displacement = int((self.pos - torch.arange(self.n, device=dev)).abs().max())
+        self.displacement = _displacement(self.pos)
         self.old_src = torch.cat([torch.arange(r0, device=dev),
                                   torch.full((m,), -1, dtype=torch.long, device=dev),
                                   torch.arange(r1, n_old, device=dev)])
@@ -407,7 +416,7 @@ class FastSplice:
         if len(s_idx):
             out[s_idx] = self.x_s.to(STORE)
         new = FastChunk(self.ids, self.pos, self.layers, out, _pooled(out),
-                        edits=chunk.edits + 1, displacement=self.displacement)
+                        edits=chunk.edits + 1)
         return new, self.report
 
 

@@ -69,11 +69,6 @@ class FastModeConfig:
                 "shift_limit": self.shift_limit, "matmul": self.matmul}
 
 
-def fast_config(**overrides: float | int | str | None) -> FastModeConfig:
-    """The default dial with the given (non-None) settings replaced."""
-    return FastModeConfig(**{k: v for k, v in overrides.items() if v is not None})
-
-
 def resolve_mode(bundle_engine: dict | None = None, mode: str | None = None,
                  **overrides: float | int | str | None) -> str | FastModeConfig:
     """The engine mode a worker runs: "exact" or a FastModeConfig.
