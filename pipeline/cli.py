@@ -45,7 +45,7 @@ def cli() -> None:
 @click.option("--dlq-topic", help="dead-letter topic (default doc-edits-dlq)")
 @click.option("--max-held-per-doc", type=int, help="events held per document across a gap")
 @click.option("--model", help="model bundle name or directory, or none for text only "
-              "(default polarity-minilm-vq64) [INCSTREAM_MODEL]")
+              "(default polarity-minilm-vq64-stable) [INCSTREAM_MODEL]")
 @click.option("--classifier", type=click.Choice(["incremental", "chunk", "dense"]),
               help="incremental (default), or a dense peer to measure against: chunk (re-runs "
                    "changed chunks) or dense (the whole document) [INCSTREAM_CLASSIFIER]")
@@ -146,7 +146,7 @@ def broker(port: int, host: str, advertised_host: str | None) -> None:
               help="give up waiting for updates after this many seconds")
 @click.option("--model", default=None,
               help="model bundle name or directory, or none for text only "
-                   "[default: INCSTREAM_MODEL, else polarity-minilm-vq64]")
+                   "[default: INCSTREAM_MODEL, else polarity-minilm-vq64-stable]")
 def demo(stream: Path | None, docs: int | None, limit: int | None, rate: float, quiet: bool,
          timeout: float, model: str | None) -> None:
     """Start a local broker and a worker, replay an edit stream, show the updates, stop."""

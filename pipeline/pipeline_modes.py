@@ -214,7 +214,7 @@ def render_table(result: dict[str, Any]) -> Table:
               help="seconds to wait for a mode's answers after its stream is sent")
 @click.option("--model", default=None,
               help="model bundle name or directory [default: INCSTREAM_MODEL, else "
-                   "polarity-minilm-vq64]; none = text only (the same as --modes text)")
+                   "polarity-minilm-vq64-stable]; none = text only (the same as --modes text)")
 @click.option("--engine-mode", type=click.Choice(["exact", "fast"]), default=None,
               help="the incremental worker's engine mode [default: the worker's]")
 @click.option("--session-cache-bytes", type=int, default=None,

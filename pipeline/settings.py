@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # The classifier: a model bundle name (engine/bundles/) or directory; "none" runs text
     # only (label and scores null). The default is engine.model.model_bundle.DEFAULT_MODEL.
-    model: str = "polarity-minilm-vq64"
+    model: str = "polarity-minilm-vq64-stable"
     # Who answers: "incremental" (the engine's sessions) or, to measure against, a peer that
     # runs the dense model: "chunk" (re-runs changed chunks) or "dense" (the whole document).
     classifier: Literal["incremental", "chunk", "dense"] = "incremental"

@@ -32,7 +32,9 @@ from incstream.engine.model.minilm import cast_weights, load_minilm
 from incstream.engine.model.vq_model import VQModel
 
 FORMAT = "incstream-model/v1"
-DEFAULT_MODEL = "polarity-minilm-vq64"
+# The default: the polarity bundle trained for edits (adapted encoder, stability objective),
+# whose manifest asks for the fast mode; README "Model card" says why it is the default.
+DEFAULT_MODEL = "polarity-minilm-vq64-stable"
 
 
 @lru_cache(maxsize=4)

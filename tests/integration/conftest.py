@@ -53,7 +53,11 @@ class Deployment:
                env: dict[str, str] | None = None, args: list[str] | None = None,
                ) -> WorkerProcess:
         """A worker process; `model` None = the default bundle, "none" = text only; `env`:
-        INCSTREAM_* settings (and test hooks) for it alone; `args`: more CLI options."""
+        INCSTREAM_* settings (and test hooks) for it alone; `args`: more CLI options.
+
+        Exact engine mode unless `env` names one: most tests check a worker's answers against
+        a fresh build of the same text (fresh_classify), which only exact mode equals. The
+        default bundle's own choice, fast, is tested where a test asks for it."""
         s = self.settings
         extra = ["--edits-topic", s.edits_topic, "--classes-topic", s.classes_topic,
                  "--dlq-topic", s.dlq_topic, "--torch-threads", "1", *(args or [])]
@@ -68,7 +72,7 @@ class Deployment:
             log_path=self.root / f"{name}.log",
             app_id=s.app_id,
             extra_args=extra,
-            env=env or {},
+            env={"INCSTREAM_ENGINE_MODE": "exact", **(env or {})},
         )
 
 

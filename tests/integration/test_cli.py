@@ -31,7 +31,7 @@ def test_demo_runs_end_to_end_and_verifies_itself():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "demo OK" in result.stderr
     assert "144 (144 distinct revisions)" in result.stderr
-    assert "polarity-minilm-vq64" in result.stderr
+    assert "polarity-minilm-vq64-stable" in result.stderr  # the default bundle, fast mode
     assert result.stderr.count("final label peps/") == 4  # one line per document
     # The compute saved against both peers: live (from the first answer on) and in the end.
     assert "compute so far: " in result.stderr and "chunk cache " in result.stderr

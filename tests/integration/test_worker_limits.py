@@ -20,6 +20,7 @@ from kafka_tools import committed_offsets, produce_raw, read_all
 from prom import metric, metric_by, wait_metric
 
 from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.engine.model.model_bundle import DEFAULT_MODEL
 from incstream.pipeline.topic_reader import TopicReader
 from incstream.state.document import DocumentState, encode_state
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 MAX_HELD = 2
 MAX_STATE_BYTES = 1500
-MODEL = "polarity-minilm-vq64"
+MODEL = DEFAULT_MODEL  # what fresh_classify builds
 
 # Two documents of about the same size, edited in turn: with room for one session, each edit
 # finds the other document's session in the cache, evicts it and rebuilds its own.

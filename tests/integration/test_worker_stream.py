@@ -27,6 +27,7 @@ from prom import metric, metric_by, samples, wait_metric
 
 from incstream.engine.incremental.text_ops import apply_ops, sha1_hex
 from incstream.engine.model.base_model import load_tokenizer
+from incstream.engine.model.model_bundle import DEFAULT_MODEL
 from incstream.pipeline.producer import read_events, replay
 from incstream.pipeline.records import DEAD_LETTER_REASONS
 from incstream.pipeline.stream_files import select_events
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.integration
 # below the working set thrashes: Faust interleaves its partitions event by event, so with
 # room for ~2 of these 4 documents only a quarter of the revisions were cache hits.
 CACHE_BYTES = 2 * 1024**3
-MODEL = "polarity-minilm-vq64"
+MODEL = DEFAULT_MODEL  # what fresh_classify builds
 OTHER_MODEL = "news-outlets-minilm-vq64"  # a real bundle with other labels
 
 UNREADABLE_DOC = "unreadable-doc"
