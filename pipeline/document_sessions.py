@@ -199,6 +199,15 @@ def dense_equivalent_macs(chunk_lengths: Sequence[int], cfg: Any) -> int:
                                 head_dim=cfg.head_dim) for n in chunk_lengths)
 
 
+def describe_mode(mode: Any) -> str:
+    """"exact", or "fast" with its dial, for the worker's start-up log."""
+    if mode == "exact":
+        return "exact (every answer equals a fresh build of the text)"
+    return (f"fast (tau {mode.tau}, context tolerance {mode.context_tolerance}, refresh after "
+            f"{mode.refresh_edits} edits or {mode.refresh_displacement} rows of position debt, "
+            f"{mode.matmul} matmuls)")
+
+
 def softmax_scores(logits: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
     top = max(logits)
     exps = [math.exp(x - top) for x in logits]
@@ -282,6 +291,7 @@ class DocumentClassifier:
             mode = mode(manifest.get("engine"))
         classifier = cls(model, manifest, tokenizer, cache_bytes, metrics, mode,
                          max_document_tokens)
+        log.info("model %s, engine mode %s", classifier.name, describe_mode(classifier.mode))
         baseline = resident_bytes()
         if memory_budget and baseline is not None:
             budget = sessions_budget(memory_budget, baseline, memory_reserve, cache_bytes,

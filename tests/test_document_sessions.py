@@ -73,6 +73,28 @@ def test_the_default_model_setting_is_the_default_bundle():
     assert Settings(model="none").model_enabled is False
 
 
+def test_a_worker_on_the_default_settings_runs_the_fast_mode_and_says_so(caplog):
+    """The default bundle asks for the fast mode; the classifier a worker loads with default
+    settings runs it, and its start-up log names the mode and dial (an operator's only view
+    of it besides the manifest)."""
+    import logging
+
+    from incstream.engine.incremental.fast_mode import FastModeConfig
+    from incstream.engine.model.model_bundle import DEFAULT_MODEL
+    from incstream.pipeline.document_sessions import DocumentClassifier
+    from incstream.pipeline.metrics import WorkerMetrics
+
+    settings = Settings()
+    with caplog.at_level(logging.INFO, logger="incstream.sessions"):
+        clf = DocumentClassifier.load(settings.model, 1 << 28, WorkerMetrics(), threads=1,
+                                      mode=settings.engine)
+        exact = DocumentClassifier.load(settings.model, 1 << 28, WorkerMetrics(), threads=1,
+                                        mode="exact")
+    assert isinstance(clf.mode, FastModeConfig) and clf.mode.tau == 2.0
+    assert f"model {DEFAULT_MODEL}, engine mode fast (tau 2.0" in caplog.text
+    assert exact.mode == "exact" and "engine mode exact" in caplog.text
+
+
 def test_make_room_evicts_least_recently_used_before_a_session_is_built():
     cache = SessionCache(budget_bytes=100)
     cache.put("a", Fake(40))
