@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from incstream.pipeline.settings import DEFAULT_MODEL_NAME
+
 
 @click.group()
 def bench() -> None:
@@ -38,7 +40,7 @@ def bench() -> None:
               help="torch CPU threads (1 = the comparison the README reports).")
 @click.option("--full-dense-every", type=int, default=1, show_default=True,
               help="Time the full dense re-run every N edits (its MACs are counted always).")
-@click.option("--model", "model", default="polarity-minilm-vq64-stable", show_default=True,
+@click.option("--model", "model", default=DEFAULT_MODEL_NAME, show_default=True,
               help="Model bundle: a name under engine/bundles or a directory.")
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto (CUDA when available).")
@@ -179,7 +181,7 @@ def engine_length_cmd(lengths: str, device: str, chunk_tokens: int, modes: str, 
               show_default=True,
               help="Fast-mode settings to try, ';' between configurations.")
 @click.option("--threads", type=int, default=1, show_default=True)
-@click.option("--model", "model", default="polarity-minilm-vq64-stable", show_default=True,
+@click.option("--model", "model", default=DEFAULT_MODEL_NAME, show_default=True,
               help="Model bundle name or directory.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               required=True)

@@ -16,6 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from incstream.paths import worker_dir
 
+# engine.model.model_bundle.DEFAULT_MODEL, spelled here so that reading the settings (and a
+# CLI's --help) does not import torch; tests/test_document_sessions.py keeps the two equal.
+DEFAULT_MODEL_NAME = "polarity-minilm-vq64-stable"
+
 ENV_PREFIX = "INCSTREAM_"
 # INCSTREAM_* variables that are not settings but are read elsewhere; everything else with the
 # prefix must name a setting (check_environment), so that a misspelt one is not ignored.
@@ -82,7 +86,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # The classifier: a model bundle name (engine/bundles/) or directory; "none" runs text
     # only (label and scores null). The default is engine.model.model_bundle.DEFAULT_MODEL.
-    model: str = "polarity-minilm-vq64-stable"
+    model: str = DEFAULT_MODEL_NAME
     # Who answers: "incremental" (the engine's sessions) or, to measure against, a peer that
     # runs the dense model: "chunk" (re-runs changed chunks) or "dense" (the whole document).
     classifier: Literal["incremental", "chunk", "dense"] = "incremental"
