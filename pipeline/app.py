@@ -11,11 +11,12 @@ of one event, as `handle_event` tells it (the events of a step run it side by si
      loop keeps heartbeating while torch works; the step's events ask together, and their
      documents' incremental updates go through one batched engine step;
   4. publish one doc-class/v1 update per applied revision and wait until Kafka has it;
-  5. only then write the new state to the table (so a crash can replay, never lose, an update),
-     and acknowledge the event.
-Offsets commit after the producer is flushed (Faust does this, up to the first event not yet
-acknowledged): delivery is at-least-once, and replays are recognised as duplicates by
-(doc_id, rev).
+  5. only then write the new state to the table (so a crash can replay, never lose, an update);
+  6. acknowledge the event once Kafka also has the changelog records of its table writes
+     (pipeline.durable_writes).
+Faust commits offsets up to the first event not yet acknowledged: delivery is at-least-once,
+replays are recognised as duplicates by (doc_id, rev), and a committed offset never runs ahead
+of the state its event wrote.
 
 Three fault-injection hooks exist for the integration tests only (never set them in production),
 each "<doc_id>:<rev>":
@@ -51,6 +52,7 @@ from incstream.pipeline.document_sessions import (
     DocumentTooLarge,
     Inference,
 )
+from incstream.pipeline.durable_writes import ChangelogWrites
 from incstream.pipeline.event_batches import (
     Gathering,
     Seat,
@@ -182,6 +184,11 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
     # Fast mode: per-chunk activation records (state.chunk_record_store), keyed by document
     # and chunk content, written in the document's partition next to its state.
     activations = raw_table(settings.activations_table)
+    # An event is acknowledged once its tables' changelog records are in Kafka
+    # (pipeline.durable_writes): a committed offset never runs ahead of the state it made.
+    changelog_writes = ChangelogWrites()
+    changelog_writes.track(documents)
+    changelog_writes.track(activations)
     keeps_records = classifier is not None and hasattr(classifier, "keep_records") \
         and classifier.keep_records(activations)
     if settings.verify_store_at_start:
@@ -486,10 +493,26 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
             raise
         finally:
             classify.leave()  # (if it did not ask): the others need not wait for it
+            if abandoned:  # handled again after the restart: never acknowledged
+                changelog_writes.forget(message)
+            else:
+                await acknowledge(stream, message, key)
             metrics.processing_seconds.observe(time.perf_counter() - started)
-            if not abandoned:  # an abandoned event is handled again after the restart
-                await stream.ack(message)
         return True
+
+    async def acknowledge(stream: faust.StreamT, message: faust.EventT, key: bytes | None
+                          ) -> None:
+        """Acknowledge a handled event once Kafka has its table writes (pipeline.
+        durable_writes). If the changelog refuses them, the event stays unacknowledged: its
+        partition commits no further, and a restart handles it again."""
+        try:
+            await changelog_writes.delivered(message)
+        except Exception:
+            log.exception("the changelog did not take the state of %r; its event is not "
+                          "acknowledged and is handled again after a restart",
+                          dead_letter_key(key))
+            return
+        await stream.ack(message)
 
     lag_probe = ConsumerLagProbe(settings.bootstrap, settings.app_id)
     lag_partitions: set[int] = set()
