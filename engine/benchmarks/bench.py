@@ -1,6 +1,8 @@
 """`incstream bench engine`: replay a doc-edit/v1 stream through the engine and its peers.
 
-For every edit, measured side by side in one run (interleaved, so machine noise hits all):
+For every edit, measured side by side in one run (interleaved, so machine noise hits all; the
+seconds also once more with the engine and the chunk cache each alone, as a service runs them:
+engine.benchmarks.alone_timing):
 - the engine (exact or fast mode): MACs and seconds of the update (window re-tokenization,
   chunk layout, chunk updates), bytes held per token;
 - the peers a user would pick instead (engine.benchmarks.peers), on the same tokens and chunks:
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 
+from incstream.engine.benchmarks.alone_timing import time_alone
 from incstream.engine.benchmarks.peers import ChunkCache, FreshReference, full_dense
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.edit_tokenizer import tokenize
@@ -112,6 +115,8 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
         "engine_macs", "engine_seconds", "cc_macs", "cc_seconds", "full_macs", "full_seconds",
         "cc_macs_ratio", "cc_time_ratio", "full_macs_ratio", "full_time_ratio",
         "cc16_seconds", "cc16_time_ratio",
+        "alone_engine_seconds", "alone_cc_seconds", "alone_cc16_seconds",
+        "alone_cc_time_ratio", "alone_cc16_time_ratio",
         "touched_macs_ratio", "prob_diff", "engine_bytes_per_token", "cc_bytes_per_token",
         "reference_step")}
     label_agree = revisions = 0
@@ -129,6 +134,16 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
     fresh_diffs: list[float] = []
     fresh_label_mismatch = fresh_layout_mismatch = fresh_code_mismatch = 0
     for doc_id, snapshot, evs in documents:
+        # Each alone first (engine.benchmarks.alone_timing), then all interleaved.
+        alone, (alone_cc, alone_cc16) = time_alone(model, tokenizer, snapshot, evs[:cap],
+                                                   policy, engine_mode)
+        for e_sec, cc_sec, cc16_sec in zip(alone, alone_cc, alone_cc16, strict=True):
+            if e_sec is not None and cc_sec is not None and cc16_sec is not None:
+                rec["alone_engine_seconds"].append(e_sec)
+                rec["alone_cc_seconds"].append(cc_sec)
+                rec["alone_cc16_seconds"].append(cc16_sec)
+                rec["alone_cc_time_ratio"].append(cc_sec / e_sec)
+                rec["alone_cc16_time_ratio"].append(cc16_sec / e_sec)
         session = DocumentSession(model, tokenizer, snapshot, policy, mode=engine_mode)
         cache = ChunkCache(model, session.cls_id, session.sep_id)
         cache.update(session.tokens.ids, session.chunk_lengths, MacCounter())
@@ -263,17 +278,27 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
         "peers": {
             "chunk_cache": {"macs_ratio": q(rec["cc_macs_ratio"]),
                             "time_ratio": q(rec["cc_time_ratio"]),
-                            "macs": q(rec["cc_macs"]), "seconds": q(rec["cc_seconds"])},
+                            "time_ratio_alone": q(rec["alone_cc_time_ratio"]),
+                            "macs": q(rec["cc_macs"]), "seconds": q(rec["cc_seconds"]),
+                            "seconds_alone": q(rec["alone_cc_seconds"])},
             "chunk_cache_bf16": {
                 "what": "the chunk cache with bfloat16 matmuls (float32 accumulation): the same "
                         "MACs as chunk_cache, run faster on CPUs with AVX512-BF16/AMX",
                 "macs_ratio": q(rec["cc_macs_ratio"]), "time_ratio": q(rec["cc16_time_ratio"]),
-                "seconds": q(rec["cc16_seconds"])},
+                "time_ratio_alone": q(rec["alone_cc16_time_ratio"]),
+                "seconds": q(rec["cc16_seconds"]),
+                "seconds_alone": q(rec["alone_cc16_seconds"])},
             "full_dense": {"macs_ratio": q(rec["full_macs_ratio"]),
                            "time_ratio": q(rec["full_time_ratio"]),
                            "macs": q(rec["full_macs"]), "seconds": q(rec["full_seconds"])},
         },
-        "engine": {"macs": q(rec["engine_macs"]), "seconds": q(rec["engine_seconds"])},
+        "engine": {"macs": q(rec["engine_macs"]), "seconds": q(rec["engine_seconds"]),
+                   "seconds_alone": q(rec["alone_engine_seconds"])},
+        "what_alone": "time_ratio / seconds: every edit timed interleaved with the other peers "
+                      "and the reference (all share the machine's state; the engine's weights "
+                      "start cold each edit); *_alone: the engine, then the chunk cache, each "
+                      "replaying the document by itself, as a service runs it "
+                      "(engine.benchmarks.alone_timing)",
         "bytes_per_token": {"engine": q(rec["engine_bytes_per_token"]),
                             "chunk_cache": q(rec["cc_bytes_per_token"])},
         "divergence": {
@@ -359,6 +384,12 @@ def render_table(result: dict[str, Any]) -> None:
     table.add_row("time chunk cache / engine", *med(peers["chunk_cache"]["time_ratio"]))
     table.add_row("time chunk cache bf16 / engine",
                   *med(peers["chunk_cache_bf16"]["time_ratio"]))
+    table.add_row("engine ms, alone", *med(result["engine"]["seconds_alone"], 1e3))
+    table.add_row("chunk cache ms, alone", *med(peers["chunk_cache"]["seconds_alone"], 1e3))
+    table.add_row("time chunk cache / engine, each alone",
+                  *med(peers["chunk_cache"]["time_ratio_alone"]))
+    table.add_row("time chunk cache bf16 / engine, each alone",
+                  *med(peers["chunk_cache_bf16"]["time_ratio_alone"]))
     table.add_row("MACs full dense / engine", *med(peers["full_dense"]["macs_ratio"]))
     table.add_row("time full dense / engine", *med(peers["full_dense"]["time_ratio"]))
     table.add_row("max |prob diff| vs fresh exact", *med(result["divergence"]["max_prob_diff"]))
