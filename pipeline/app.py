@@ -61,7 +61,6 @@ from incstream.pipeline.event_batches import (
     document_steps,
     rebalanced_since,
 )
-from incstream.pipeline.memory_budget import release_freed_memory
 from incstream.pipeline.metrics import NEAR_BUDGET, WorkerMetrics
 from incstream.pipeline.peer_classifiers import classifier_type
 from incstream.pipeline.records import dead_letter_key, dead_letter_record, to_bytes, update_record
@@ -605,7 +604,6 @@ def run_worker(settings: Settings) -> None:
     from incstream.pipeline.topics import ensure_topics
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    release_freed_memory()  # evicted sessions give their pages back (pipeline/memory_budget)
     ensure_topics(settings)
     app = build_app(settings)
     # JSON logs: no startup banner either (Faust prints it outside logging).

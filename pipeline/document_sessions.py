@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -43,6 +43,7 @@ from incstream.pipeline.memory_budget import (
     SessionSizer,
     bytes_per_row,
     resident_bytes,
+    return_freed_memory,
     sessions_budget,
 )
 from incstream.state.ordering import AppliedRevision
@@ -60,11 +61,14 @@ class SessionCache:
     """LRU of per-document sessions under a memory budget (bytes of activations).
 
     Sizes are measured when a session is put (after each update). A session larger than the
-    whole budget is not kept (counted as an eviction). Not thread-safe: use it from one thread.
+    whole budget is not kept (counted as an eviction). `released` runs after sessions were
+    evicted (the worker's: return_freed_memory, so their pages go back to the system). Not
+    thread-safe: use it from one thread.
     """
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, released: Callable[[], object] | None = None) -> None:
         self.budget_bytes = int(budget_bytes)
+        self.released = released
         self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.nbytes = 0
         self.evictions = 0
@@ -96,8 +100,13 @@ class SessionCache:
             _, (_, old_size) = self._entries.popitem(last=False)
             self.nbytes -= old_size
             evicted += 1
-        self.evictions += evicted
-        return evicted
+        return self._evicted(evicted)
+
+    def _evicted(self, count: int) -> int:
+        self.evictions += count
+        if count and self.released is not None:
+            self.released()
+        return count
 
     def put(self, doc_id: str, session: _Sized) -> int:
         """Insert or re-measure `session` as most recently used; returns how many were evicted."""
@@ -105,16 +114,14 @@ class SessionCache:
         size = int(session.nbytes())
         evicted = 0
         if size > self.budget_bytes:  # would evict everything and still not fit
-            self.evictions += 1
-            return 1
+            return self._evicted(1)
         self._entries[doc_id] = (session, size)
         self.nbytes += size
         while self.nbytes > self.budget_bytes:
             _, (_, old_size) = self._entries.popitem(last=False)
             self.nbytes -= old_size
             evicted += 1
-        self.evictions += evicted
-        return evicted
+        return self._evicted(evicted)
 
 
 @dataclass(frozen=True)
@@ -240,7 +247,7 @@ class DocumentClassifier:
         self.tokenizer = tokenizer
         self.policy = ChunkPolicy(max_tokens=manifest.get("chunking", {}).get("chunk_tokens",
                                                                                256))
-        self.cache = SessionCache(cache_bytes)
+        self.cache = SessionCache(cache_bytes, released=return_freed_memory)
         self.metrics = metrics
         self.records: Any = None  # a state.chunk_record_store.ChunkRecordStore (fast mode)
         self.stop = threading.Event()  # set when the worker stops: abandons a build

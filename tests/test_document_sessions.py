@@ -102,3 +102,16 @@ def test_make_room_evicts_least_recently_used_before_a_session_is_built():
     assert cache.make_room(20) == 0  # 80 + 20 fits
     assert cache.make_room(30) == 1 and "a" not in cache and cache.nbytes == 40
     assert cache.make_room(100) == 1 and len(cache) == 0 and cache.evictions == 2
+
+
+def test_the_cache_releases_memory_after_it_evicts_and_only_then():
+    released = []
+    cache = SessionCache(budget_bytes=100, released=lambda: released.append(len(cache)))
+    cache.put("a", Fake(60))
+    cache.make_room(30)
+    assert released == []
+    cache.make_room(50)  # a goes
+    assert released == [0] and cache.evictions == 1
+    cache.put("b", Fake(70))
+    cache.put("c", Fake(70))  # b goes
+    assert released == [0, 1] and cache.evictions == 2

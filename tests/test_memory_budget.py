@@ -62,3 +62,27 @@ def test_broker_watch_counts_from_the_first_failed_probe_and_resets_on_success()
     never.observe("broker does not answer")
     now[0] = 10_000.0
     assert never.seconds_unusable() > 0 and not never.should_exit()  # 0: never exit
+
+
+FRAGMENTED_HEAP = """
+import sys
+from incstream.pipeline.memory_budget import resident_bytes, return_freed_memory
+big = bytearray(16 << 20); del big  # glibc raises its mmap threshold: 1 MB blocks now use the heap
+blocks = [bytearray(1 << 20) for _ in range(200)]
+del blocks[::2]  # 100 MB free in the middle of the heap, nothing at its top to trim
+before = resident_bytes()
+returned = return_freed_memory()
+print(returned, before - resident_bytes())
+"""
+
+
+def test_freed_heap_pages_go_back_to_the_system():
+    """What the session cache relies on after an eviction: pages glibc kept in its heap
+    (freed blocks between live ones) are returned, not held until the process exits."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) > 80 << 20, f"only {int(out[1]) >> 20} MiB returned"
