@@ -69,21 +69,33 @@ def peak_resident_bytes(pid: int | str = "self") -> int | None:
     return None if kib is None else kib * 1024
 
 
+# Resident bytes a hot session costs per byte of its tensors (what its nbytes() and the cache
+# count). Measured: 300 fast sessions of 1,200-character PEP windows, built one after another in
+# one process, held 552 MiB of tensors (their storages sum to exactly nbytes) and grew RSS by
+# 815 MiB (1.48x), after malloc_trim too: the build's temporaries, freed between the sessions'
+# blocks, leave holes in the heap that are neither whole pages nor reusable by everything. A
+# worker given 3 GiB exceeded it by 66 MiB with 2,000 such documents when sessions were sized
+# by their tensors alone (benchmarks/memory-many-2000-fast-trim.json).
+HEAP_OVERHEAD = 1.5
+
+
 class MemoryBudgetTooSmall(ValueError):
     """The configured budget does not leave the sessions room for one chunk."""
 
 
 def sessions_budget(memory_budget: int, baseline: int, reserve: int, cache_cap: int,
                     minimum: int) -> int:
-    """Bytes the hot sessions may hold: what the budget leaves over the measured baseline and
-    the reserve, never more than `cache_cap` (session_cache_bytes). Raises when the budget
-    leaves less than `minimum` (one full chunk): it is too small for this model."""
-    room = memory_budget - baseline - reserve
+    """Bytes of tensors the hot sessions may hold: what the budget leaves over the measured
+    baseline and the reserve, over HEAP_OVERHEAD (what they cost resident), never more than
+    `cache_cap` (session_cache_bytes). Raises when the budget leaves less than `minimum` (one
+    full chunk): it is too small for this model."""
+    room = int((memory_budget - baseline - reserve) / HEAP_OVERHEAD)
     if room < minimum:
         raise MemoryBudgetTooSmall(
-            f"memory budget {memory_budget:,} B leaves {room:,} B for document sessions after "
-            f"the model and runtime ({baseline:,} B measured at start) and the reserve "
-            f"({reserve:,} B); at least {minimum:,} B are needed: raise "
+            f"memory budget {memory_budget:,} B leaves {room:,} B of tensors for document "
+            f"sessions after the model and runtime ({baseline:,} B measured at start), the "
+            f"reserve ({reserve:,} B) and the heap's overhead (x{HEAP_OVERHEAD}); at least "
+            f"{minimum:,} B are needed: raise "
             f"INCSTREAM_MEMORY_BUDGET_BYTES or lower INCSTREAM_MEMORY_RESERVE_BYTES")
     return min(cache_cap, room)
 

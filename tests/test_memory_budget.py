@@ -9,6 +9,7 @@ import pytest
 from incstream.engine.incremental.chunks import ChunkPolicy, chunk_lengths, max_rows
 from incstream.pipeline.broker_watch import BrokerWatch
 from incstream.pipeline.memory_budget import (
+    HEAP_OVERHEAD,
     MemoryBudgetTooSmall,
     SessionSizer,
     peak_resident_bytes,
@@ -32,12 +33,13 @@ def test_sizer_inverts_its_estimate():
 
 
 def test_sessions_get_what_the_budget_leaves_at_most_the_cache_cap():
+    # 1500 bytes of room hold 1000 bytes of session tensors (HEAP_OVERHEAD)
     assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=10_000,
-                           minimum=100) == 1500
+                           minimum=100) == 1500 / HEAP_OVERHEAD == 1000
     assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=800, minimum=100) == 800
     assert sessions_budget(3000, baseline=1000, reserve=500, cache_cap=50, minimum=100) == 50
     with pytest.raises(MemoryBudgetTooSmall, match="INCSTREAM_MEMORY_BUDGET_BYTES"):
-        sessions_budget(1550, baseline=1000, reserve=500, cache_cap=800, minimum=100)
+        sessions_budget(1640, baseline=1000, reserve=500, cache_cap=800, minimum=100)
 
 
 def test_resident_memory_is_read_from_proc():
