@@ -112,16 +112,11 @@ class SessionCache:
         """Insert or re-measure `session` as most recently used; returns how many were evicted."""
         self.discard(doc_id)
         size = int(session.nbytes())
-        evicted = 0
         if size > self.budget_bytes:  # would evict everything and still not fit
             return self._evicted(1)
         self._entries[doc_id] = (session, size)
         self.nbytes += size
-        while self.nbytes > self.budget_bytes:
-            _, (_, old_size) = self._entries.popitem(last=False)
-            self.nbytes -= old_size
-            evicted += 1
-        return self._evicted(evicted)
+        return self.make_room(0)  # the others go first: this one is the most recently used
 
 
 @dataclass(frozen=True)

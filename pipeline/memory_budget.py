@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -33,17 +34,26 @@ from dataclasses import dataclass
 
 log = logging.getLogger("incstream.memory")
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, loaded once (find_library runs ldconfig), if it is glibc."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018 (glibc's; musl and others lack it)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def return_freed_memory() -> bool:
     """Give the pages of freed blocks back to the system (glibc's malloc_trim(0)); False where
     the C library is not glibc (nothing changes there). A few ms on a large heap: call it after
     freeing something large (an evicted session), not per event."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
 
 
 def _status_kib(field: str, pid: int | str) -> int | None:
