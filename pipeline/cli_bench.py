@@ -34,8 +34,10 @@ def bench() -> None:
               help="Fast mode: rebuild a chunk canonically after N updates (0 = never).")
 @click.option("--refresh-displacement", type=int, default=None,
               help="Fast mode: rebuild a chunk when a row's id is this far from canonical.")
-@click.option("--matmul", type=click.Choice(["float32", "bfloat16"]), default=None,
-              help="Fast mode: dtype of the linear layers' matmuls (default float32).")
+@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "auto"]), default=None,
+              help="Fast mode: dtype of the linear layers' matmuls (default: the bundle's "
+                   "dial, else auto, as a worker resolves it: bfloat16 on a CPU with "
+                   "AVX512-BF16/AMX or CUDA, else float32).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (1 = the comparison the README reports).")
 @click.option("--full-dense-every", type=int, default=1, show_default=True,
@@ -63,12 +65,14 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     import torch
 
     from incstream.engine.benchmarks.bench import render_table, run_bench
-    from incstream.engine.incremental.fast_mode import bundle_dial
+    from incstream.engine.incremental.fast_mode import resolve_mode
 
     torch.set_num_threads(threads)
-    fast = bundle_dial(None if codebooks else _bundle_engine(model), tau=tau,
-                       context_tolerance=context_tolerance, refresh_edits=refresh_edits,
-                       refresh_displacement=refresh_displacement, matmul=matmul)
+    # The dial a worker would run (resolve_mode: flags, then the bundle, then the defaults,
+    # matmul "auto" included), so that the bench measures what a service runs.
+    fast = resolve_mode(None if codebooks else _bundle_engine(model), mode="fast", tau=tau,
+                        context_tolerance=context_tolerance, refresh_edits=refresh_edits,
+                        refresh_displacement=refresh_displacement, matmul=matmul)
     result = run_bench(stream, docs=docs, events=events, model_bundle=model, device=device,
                        chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet,
                        mode=mode, fast=fast, full_dense_every=full_dense_every)
@@ -106,8 +110,10 @@ def _setting(value: str) -> float | int | str:
               help="Batch sizes (documents per batched step), comma-separated.")
 @click.option("--rounds", type=int, default=60, show_default=True,
               help="Edits replayed per document.")
-@click.option("--matmul", type=click.Choice(["float32", "bfloat16"]), default=None,
-              help="Fast mode: dtype of the linear layers' matmuls (default float32).")
+@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "auto"]), default=None,
+              help="Fast mode: dtype of the linear layers' matmuls (default: the bundle's "
+                   "dial, else auto, as a worker resolves it: bfloat16 on a CPU with "
+                   "AVX512-BF16/AMX or CUDA, else float32).")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto (CUDA when available).")
@@ -121,11 +127,12 @@ def engine_batch_cmd(stream: Path, batches: str, rounds: int, matmul: str | None
     import torch
 
     from incstream.engine.benchmarks.batching import render_batch_table, run_batch_bench
-    from incstream.engine.incremental.fast_mode import bundle_dial
+    from incstream.engine.incremental.fast_mode import resolve_mode
 
     torch.set_num_threads(threads)
     sizes = tuple(int(b) for b in batches.split(",") if b.strip())
-    result = run_batch_bench(stream, sizes, rounds, fast=bundle_dial(matmul=matmul),
+    fast = resolve_mode(mode="fast", matmul=matmul)
+    result = run_batch_bench(stream, sizes, rounds, fast=fast,
                              device=device, progress=not quiet)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
@@ -192,7 +199,7 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int, mode
     import torch
 
     from incstream.engine.benchmarks.bench import run_bench
-    from incstream.engine.incremental.fast_mode import bundle_dial
+    from incstream.engine.incremental.fast_mode import resolve_mode
 
     torch.set_num_threads(threads)
     bundle_engine = _bundle_engine(model)
@@ -200,7 +207,7 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int, mode
     for spec in filter(None, (part.strip() for part in grid.split(";"))):
         settings = {k.strip(): _setting(v.strip())
                     for k, v in (item.split("=") for item in spec.split(","))}
-        config = bundle_dial(bundle_engine, **settings)
+        config = resolve_mode(bundle_engine, mode="fast", **settings)
         result = run_bench(stream, docs=docs, events=events, model_bundle=model, mode="fast",
                            fast=config, progress=False, full_dense_every=0)
         peers, div = result["peers"], result["divergence"]

@@ -7,7 +7,9 @@ import json
 from click.testing import CliRunner
 
 from incstream.engine.incremental.text_ops import sha1_hex
+from incstream.engine.model.model_bundle import read_manifest
 from incstream.pipeline.cli_bench import bench
+from incstream.pipeline.settings import DEFAULT_MODEL_NAME, Settings
 
 
 def test_bench_engine_cli(tmp_path):
@@ -55,6 +57,10 @@ def test_bench_engine_cli(tmp_path):
     assert exact["divergence"]["max_prob_diff"]["max"] <= 1e-9
     fast = data["fast"]
     assert fast["mode"] == "fast" and fast["fast_config"]["tau"] > 0
+    # the dial a worker on this machine runs with the default bundle, matmul "auto" resolved
+    # (the bench once measured float32 matmuls while every worker ran bfloat16)
+    worker = Settings().engine(read_manifest(DEFAULT_MODEL_NAME)[1].get("engine"))
+    assert fast["fast_config"] == worker.as_dict()
     assert 0 <= fast["divergence"]["max_prob_diff"]["median"] <= 1
     # the engine state of the fast mode is float16, far below exact mode's float64 state
     assert (fast["bytes_per_token"]["engine"]["median"]
