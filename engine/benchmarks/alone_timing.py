@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from incstream.engine.benchmarks.peers import ChunkCache
+from incstream.engine.benchmarks.peers import CHUNK_CACHE_VARIANTS, ChunkCacheVariant
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.fast_mode import FastModeConfig
 from incstream.engine.incremental.session import DocumentSession
@@ -26,10 +26,10 @@ from incstream.engine.model.vq_model import VQModel
 
 def time_alone(model: VQModel, tokenizer, snapshot: str, events: Sequence[dict],
                policy: ChunkPolicy, mode: str | FastModeConfig,
-               peers: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+               peers: Sequence[ChunkCacheVariant] = CHUNK_CACHE_VARIANTS,
                ) -> tuple[list[float | None], list[list[float | None]]]:
-    """(engine seconds per event, and per peer matmul dtype the chunk cache's seconds per
-    event); None for snapshots and edits that change no token."""
+    """(engine seconds per event, and per chunk cache variant its seconds per event); None
+    for snapshots and edits that change no token."""
     session = DocumentSession(model, tokenizer, snapshot, policy, mode=mode)
     layouts: list[tuple[torch.Tensor, list[int]]] = [
         (torch.tensor(session.tokens.ids, dtype=torch.int32), list(session.chunk_lengths))]
@@ -46,8 +46,8 @@ def time_alone(model: VQModel, tokenizer, snapshot: str, events: Sequence[dict],
         layouts.append((torch.tensor(session.tokens.ids, dtype=torch.int32),
                         list(session.chunk_lengths)))
     cache_seconds = []
-    for dtype in peers:
-        cache = ChunkCache(model, session.cls_id, session.sep_id, dtype)
+    for variant in peers:
+        cache = variant.cache(model, session.cls_id, session.sep_id)
         seconds: list[float | None] = []
         for i, layout in enumerate(layouts):
             ids, lengths = layout

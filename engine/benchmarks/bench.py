@@ -6,9 +6,9 @@ engine.benchmarks.alone_timing):
 - the engine (exact or fast mode): MACs and seconds of the update (window re-tokenization,
   chunk layout, chunk updates), bytes held per token;
 - the peers a user would pick instead (engine.benchmarks.peers), on the same tokens and chunks:
-  the chunk
-  cache (dense float32 re-run of the chunks whose ids changed, one pooled vector per chunk)
-  and the full dense re-run of the document; the engine's ratios against each;
+  the chunk cache (dense float32 re-run of the chunks whose ids changed, one pooled vector per
+  chunk; also with bfloat16 matmuls and with oneDNN-packed float32 matrices) and the full
+  dense re-run of the document; the engine's ratios against each;
 - divergence: the engine's class probabilities vs a fresh exact build of the same text, after
   every edit (label agreement, max |prob diff|);
 - exactness: the touched chunks against a dense VQ forward on the same ids, and at the end of
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from incstream.engine.benchmarks.alone_timing import time_alone
-from incstream.engine.benchmarks.peers import ChunkCache, FreshReference, full_dense
+from incstream.engine.benchmarks.peers import CHUNK_CACHE_VARIANTS, FreshReference, full_dense
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.edit_tokenizer import tokenize
 from incstream.engine.incremental.fast_mode import FastModeConfig
@@ -112,11 +112,10 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
     reference = FreshReference(model, tokenizer, policy)
     layer_fracs: list[list[float]] = [[] for _ in range(model.cfg.layers)]
     rec: dict[str, list[float]] = {k: [] for k in (
-        "engine_macs", "engine_seconds", "cc_macs", "cc_seconds", "full_macs", "full_seconds",
-        "cc_macs_ratio", "cc_time_ratio", "full_macs_ratio", "full_time_ratio",
-        "cc16_seconds", "cc16_time_ratio",
-        "alone_engine_seconds", "alone_cc_seconds", "alone_cc16_seconds",
-        "alone_cc_time_ratio", "alone_cc16_time_ratio",
+        "engine_macs", "engine_seconds", "cc_macs", "full_macs", "full_seconds",
+        "cc_macs_ratio", "full_macs_ratio", "full_time_ratio", "alone_engine_seconds",
+        *(f"{v.key}:{what}" for v in CHUNK_CACHE_VARIANTS
+          for what in ("seconds", "time_ratio", "seconds_alone", "time_ratio_alone")),
         "touched_macs_ratio", "prob_diff", "engine_bytes_per_token", "cc_bytes_per_token",
         "reference_step")}
     label_agree = revisions = 0
@@ -135,20 +134,18 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
     fresh_label_mismatch = fresh_layout_mismatch = fresh_code_mismatch = 0
     for doc_id, snapshot, evs in documents:
         # Each alone first (engine.benchmarks.alone_timing), then all interleaved.
-        alone, (alone_cc, alone_cc16) = time_alone(model, tokenizer, snapshot, evs[:cap],
-                                                   policy, engine_mode)
-        for e_sec, cc_sec, cc16_sec in zip(alone, alone_cc, alone_cc16, strict=True):
-            if e_sec is not None:  # (the peers' seconds are None exactly where the engine's are)
-                rec["alone_engine_seconds"].append(e_sec)
-                rec["alone_cc_seconds"].append(cc_sec)
-                rec["alone_cc16_seconds"].append(cc16_sec)
-                rec["alone_cc_time_ratio"].append(cc_sec / e_sec)
-                rec["alone_cc16_time_ratio"].append(cc16_sec / e_sec)
+        alone, alone_caches = time_alone(model, tokenizer, snapshot, evs[:cap], policy,
+                                         engine_mode)
+        rec["alone_engine_seconds"] += [sec for sec in alone if sec is not None]
+        for variant, seconds in zip(CHUNK_CACHE_VARIANTS, alone_caches, strict=True):
+            for e_sec, cc_sec in zip(alone, seconds, strict=True):
+                if e_sec is not None:  # (the peers' are None exactly where the engine's are)
+                    rec[f"{variant.key}:seconds_alone"].append(cc_sec)
+                    rec[f"{variant.key}:time_ratio_alone"].append(cc_sec / e_sec)
         session = DocumentSession(model, tokenizer, snapshot, policy, mode=engine_mode)
-        cache = ChunkCache(model, session.cls_id, session.sep_id)
-        cache.update(session.tokens.ids, session.chunk_lengths, MacCounter())
-        cache16 = ChunkCache(model, session.cls_id, session.sep_id, torch.bfloat16)
-        cache16.update(session.tokens.ids, session.chunk_lengths, MacCounter())
+        caches = [v.cache(model, session.cls_id, session.sep_id) for v in CHUNK_CACHE_VARIANTS]
+        for cache in caches:
+            cache.update(session.tokens.ids, session.chunk_lengths, MacCounter())
         doc_events = doc_agree = 0
         doc_diffs: list[float] = []
         prev_ref = _probs(reference.logits(session.text))
@@ -166,8 +163,9 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
             if "sha1_after" in event and sha1_hex(session.text) != event["sha1_after"]:
                 sha_mismatch += 1
             cc_counter = MacCounter()
-            cc_sec, _ = cache.update(session.tokens.ids, session.chunk_lengths, cc_counter)
-            cc16_sec, _ = cache16.update(session.tokens.ids, session.chunk_lengths, MacCounter())
+            cache_seconds = [cache.update(session.tokens.ids, session.chunk_lengths,
+                                          cc_counter if i == 0 else MacCounter())[0]
+                             for i, cache in enumerate(caches)]
             full_counter = MacCounter()
             if full_dense_every and n_events % full_dense_every == 0:
                 full_sec, _ = full_dense(model, tokenizer, session.text, policy, full_counter)
@@ -212,12 +210,11 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
                 rec["engine_macs"].append(float(e_macs))
                 rec["engine_seconds"].append(e_sec)
                 rec["cc_macs"].append(float(cc_counter.total))
-                rec["cc_seconds"].append(cc_sec)
                 rec["full_macs"].append(float(full_counter.total))
                 rec["cc_macs_ratio"].append(cc_counter.total / e_macs)
-                rec["cc_time_ratio"].append(cc_sec / e_sec)
-                rec["cc16_seconds"].append(cc16_sec)
-                rec["cc16_time_ratio"].append(cc16_sec / e_sec)
+                for variant, cc_sec in zip(CHUNK_CACHE_VARIANTS, cache_seconds, strict=True):
+                    rec[f"{variant.key}:seconds"].append(cc_sec)
+                    rec[f"{variant.key}:time_ratio"].append(cc_sec / e_sec)
                 rec["full_macs_ratio"].append(full_counter.total / e_macs)
                 rec["touched_macs_ratio"].append(touched / e_macs)
                 if full_sec == full_sec:
@@ -232,7 +229,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
             bar.update(1)
         n_tokens = max(1, len(session.tokens.ids))
         rec["engine_bytes_per_token"].append(session.nbytes() / n_tokens)
-        rec["cc_bytes_per_token"].append(cache.nbytes() / n_tokens)
+        rec["cc_bytes_per_token"].append(caches[0].nbytes() / n_tokens)
         final = session.reference_check()
         checked += 1
         max_diff = max(max_diff, final["max_abs_logit_diff"])
@@ -276,18 +273,11 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
         "what_ratios_mean": "per edit, peer / engine (higher = the engine does less); edits "
                             "that change no token are left out (noop_edits)",
         "peers": {
-            "chunk_cache": {"macs_ratio": q(rec["cc_macs_ratio"]),
-                            "time_ratio": q(rec["cc_time_ratio"]),
-                            "time_ratio_alone": q(rec["alone_cc_time_ratio"]),
-                            "macs": q(rec["cc_macs"]), "seconds": q(rec["cc_seconds"]),
-                            "seconds_alone": q(rec["alone_cc_seconds"])},
-            "chunk_cache_bf16": {
-                "what": "the chunk cache with bfloat16 matmuls (float32 accumulation): the same "
-                        "MACs as chunk_cache, run faster on CPUs with AVX512-BF16/AMX",
-                "macs_ratio": q(rec["cc_macs_ratio"]), "time_ratio": q(rec["cc16_time_ratio"]),
-                "time_ratio_alone": q(rec["alone_cc16_time_ratio"]),
-                "seconds": q(rec["cc16_seconds"]),
-                "seconds_alone": q(rec["alone_cc16_seconds"])},
+            **{v.key: {"what": v.what,
+                       "macs_ratio": q(rec["cc_macs_ratio"]), "macs": q(rec["cc_macs"]),
+                       **{what: q(rec[f"{v.key}:{what}"]) for what in (
+                           "seconds", "time_ratio", "seconds_alone", "time_ratio_alone")}}
+               for v in CHUNK_CACHE_VARIANTS},
             "full_dense": {"macs_ratio": q(rec["full_macs_ratio"]),
                            "time_ratio": q(rec["full_time_ratio"]),
                            "macs": q(rec["full_macs"]), "seconds": q(rec["full_seconds"])},
@@ -379,17 +369,22 @@ def render_table(result: dict[str, Any]) -> None:
     table.add_row("engine ms", *med(result["engine"]["seconds"], 1e3))
     table.add_row("chunk cache ms", *med(peers["chunk_cache"]["seconds"], 1e3))
     table.add_row("chunk cache bf16 ms", *med(peers["chunk_cache_bf16"]["seconds"], 1e3))
+    table.add_row("chunk cache oneDNN ms", *med(peers["chunk_cache_onednn"]["seconds"], 1e3))
     table.add_row("full dense ms", *med(peers["full_dense"]["seconds"], 1e3))
     table.add_row("MACs chunk cache / engine", *med(peers["chunk_cache"]["macs_ratio"]))
     table.add_row("time chunk cache / engine", *med(peers["chunk_cache"]["time_ratio"]))
     table.add_row("time chunk cache bf16 / engine",
                   *med(peers["chunk_cache_bf16"]["time_ratio"]))
+    table.add_row("time chunk cache oneDNN / engine",
+                  *med(peers["chunk_cache_onednn"]["time_ratio"]))
     table.add_row("engine ms, alone", *med(result["engine"]["seconds_alone"], 1e3))
     table.add_row("chunk cache ms, alone", *med(peers["chunk_cache"]["seconds_alone"], 1e3))
     table.add_row("time chunk cache / engine, each alone",
                   *med(peers["chunk_cache"]["time_ratio_alone"]))
     table.add_row("time chunk cache bf16 / engine, each alone",
                   *med(peers["chunk_cache_bf16"]["time_ratio_alone"]))
+    table.add_row("time chunk cache oneDNN / engine, each alone",
+                  *med(peers["chunk_cache_onednn"]["time_ratio_alone"]))
     table.add_row("MACs full dense / engine", *med(peers["full_dense"]["macs_ratio"]))
     table.add_row("time full dense / engine", *med(peers["full_dense"]["time_ratio"]))
     table.add_row("max |prob diff| vs fresh exact", *med(result["divergence"]["max_prob_diff"]))

@@ -4,7 +4,10 @@
   defined chunks as the engine; keeps ONE pooled float32 vector per chunk (keyed by the chunk's
   token ids) and re-runs the dense float32 MiniLM only on chunks whose ids it has not seen.
   Timed on its dense forwards alone: its change detection is given to it for free. Also run
-  with bfloat16 matmuls (`chunk_cache_bf16`), the cheap speed-up any user of a recent CPU has.
+  with bfloat16 matmuls (`chunk_cache_bf16`), the cheap speed-up any user of a recent CPU has,
+  and with float32 matrices laid out once for oneDNN (`chunk_cache_onednn`), what a user gets
+  from torch.compile's weight freezing (engine.model.packed_linear): the fastest float32 peer
+  we know how to run in PyTorch on the CPU. `CHUNK_CACHE_VARIANTS` lists them.
 - `full_dense`: re-run the dense float32 MiniLM on the whole document (tokenize the whole text,
   forward every chunk), what a user without any cache runs.
 - `FreshReference`: a fresh EXACT build of the current text (float64 VQ model, canonical
@@ -18,6 +21,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +34,7 @@ from incstream.engine.incremental.chunks import (
 )
 from incstream.engine.model.head import document_pooled
 from incstream.engine.model.macs import MacCounter
-from incstream.engine.model.minilm import forward_dense, with_matmul_dtype
+from incstream.engine.model.minilm import forward_dense, with_matmul_dtype, with_packed_matrices
 from incstream.engine.model.vq_model import VQModel
 
 
@@ -59,12 +63,15 @@ class _PooledCache:
 
 class ChunkCache:
     """Dense model re-run only on chunks whose token ids changed; its linear layers multiply
-    in `matmul` (float32, or bfloat16 as a user on a CPU with AVX512-BF16/AMX could run it)."""
+    in `matmul` (float32, or bfloat16 as a user on a CPU with AVX512-BF16/AMX could run it),
+    with matrices laid out once for oneDNN when `packed`."""
 
     def __init__(self, model: VQModel, cls_id: int, sep_id: int,
-                 matmul: torch.dtype = torch.float32):
+                 matmul: torch.dtype = torch.float32, packed: bool = False):
         self.model = model
         self.weights = with_matmul_dtype(model.original, matmul)
+        if packed:
+            self.weights = with_packed_matrices(self.weights)
         self.cls_id, self.sep_id = cls_id, sep_id
         self.pooled: list[torch.Tensor] = []
         self.counts: list[int] = []
@@ -99,6 +106,33 @@ class ChunkCache:
         (int32), to know which chunks changed."""
         vec = sum(v.numel() * v.element_size() for v in self.pooled)
         return vec + 4 * sum(n - 2 for n in self.counts)
+
+
+@dataclass(frozen=True)
+class ChunkCacheVariant:
+    """One way to run the chunk cache peer; `key` names it in the bench's JSON."""
+
+    key: str
+    matmul: torch.dtype
+    packed: bool
+    what: str
+
+    def cache(self, model: VQModel, cls_id: int, sep_id: int) -> ChunkCache:
+        return ChunkCache(model, cls_id, sep_id, self.matmul, self.packed)
+
+
+CHUNK_CACHE_VARIANTS = (
+    ChunkCacheVariant("chunk_cache", torch.float32, False,
+                      "the dense float32 model re-run on the chunks whose ids changed "
+                      "(torch.nn.functional.linear: MKL's sgemm on the CPU)"),
+    ChunkCacheVariant("chunk_cache_bf16", torch.bfloat16, False,
+                      "the chunk cache with bfloat16 matmuls (float32 accumulation): the same "
+                      "MACs as chunk_cache, run faster on CPUs with AVX512-BF16/AMX"),
+    ChunkCacheVariant("chunk_cache_onednn", torch.float32, True,
+                      "the float32 chunk cache with its matrices laid out once for oneDNN, as "
+                      "torch.compile's weight freezing runs it (engine.model.packed_linear): "
+                      "the same values, the fastest float32 peer we know in PyTorch on the CPU"),
+)
 
 
 def full_dense(model: VQModel, tokenizer: Any, text: str, policy: ChunkPolicy,

@@ -38,6 +38,7 @@ from incstream.engine.incremental.chunk_record import ChunkRecord
 from incstream.engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
 from incstream.engine.model.macs import MacCounter
 from incstream.engine.model.minilm import embed, feed_forward_block
+from incstream.engine.model.packed_linear import project
 
 STORE = torch.float16  # storage dtype of the kept activations; compute is float32
 F32 = torch.float32
@@ -164,7 +165,7 @@ def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
     cfg = fw.w.config
     w, b = fw.wqkv[layer]
     macs.add("linear", x.shape[0] * w.shape[0] * w.shape[1])
-    out = torch.nn.functional.linear(x.to(w.dtype), w, b).to(F32)
+    out = project(x, w, b).to(F32)
     q, k, v = out.view(-1, 3, cfg.heads, cfg.head_dim).unbind(1)
     return q, k, v
 

@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 import torch
 
 from incstream.engine.model.codebooks import Codebooks
-from incstream.engine.model.minilm import MiniLMWeights, cast_weights, with_matmul_dtype
+from incstream.engine.model.minilm import (
+    MiniLMWeights,
+    cast_weights,
+    with_matmul_dtype,
+    with_packed_matrices,
+)
+from incstream.engine.model.packed_linear import pack
 
 MAX_POSITIONS = 512
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -157,8 +163,12 @@ def fast_weights(model, matmul: str = "float32") -> FastWeights:
 def _with_matmul_dtype(fw: FastWeights, dtype: torch.dtype) -> FastWeights:
     from dataclasses import replace
 
-    wqkv = [(w.to(dtype), b.to(dtype)) for w, b in fw.wqkv]
-    return replace(fw, layers=with_matmul_dtype(fw.w, dtype).layers, wqkv=wqkv)
+    # The linear layers' matrices laid out once for oneDNN on the CPU (packed_linear: an
+    # update multiplies a few rows, where F.linear's per-call re-layout or float32 sgemm cost
+    # as much as the product).
+    wqkv = [(pack(w.to(dtype)), b.to(dtype)) for w, b in fw.wqkv]
+    layers = with_packed_matrices(with_matmul_dtype(fw.w, dtype)).layers
+    return replace(fw, layers=layers, wqkv=wqkv)
 
 
 def _fast_weights32(model) -> FastWeights:
