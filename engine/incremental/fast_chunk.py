@@ -159,6 +159,26 @@ def _slack(fw: FastWeights, cfg: FastModeConfig, layer: int, gap: torch.Tensor,
         cfg.context_tolerance * float(fw.gap_median[layer]))
 
 
+def _move_norm(fw: FastWeights, layer: int, w: torch.Tensor, w_sum: torch.Tensor,
+               vals: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """|sum_j w_ij v_j - w_sum_i c_i| per head and row, (H, n): how far the keys that left and
+    came in pull row i's context from its code vector c_i (w (H, n, J) their signed weights,
+    vals (H, J, d) their values, codes (H, n)).
+
+    Expanded into dot products between the J values and the K codes, so that nothing of size
+    (n, d) is built (one edit: J is a few keys, n a whole chunk):
+    |Wv|^2 - 2 w_sum (Wv . c) + w_sum^2 |c|^2, with Wv . c = sum_j w_ij (v_j . c_i).
+    """
+    cb = fw.codebooks.codes[layer]  # (H, K, d)
+    vv = torch.matmul(vals, vals.transpose(1, 2))  # (H, J, J)
+    vc = torch.matmul(cb, vals.transpose(1, 2))  # (H, K, J): v_j . c for every code
+    vc_rows = vc.gather(1, codes.unsqueeze(-1).expand(-1, -1, vals.shape[1]))  # (H, n, J)
+    wv_sq = (torch.matmul(w, vv) * w).sum(-1)
+    wv_c = (w * vc_rows).sum(-1)
+    c_sq = fw.codebooks.sqnorm[layer].gather(1, codes)  # (H, n)
+    return (wv_sq - 2.0 * w_sum * wv_c + w_sum * w_sum * c_sq).clamp_min_(0.0).sqrt_()
+
+
 def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
          macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V (each (m, H, d)) of rows x (m, C) with one fused matmul."""
@@ -317,7 +337,7 @@ class FastSplice:
         ins = torch.tensor(list(content[prefix : len(content) - suffix]), dtype=torch.long,
                            device=dev)
         m = len(ins)
-        self.r0, self.m = r0, m
+        self.r0, self.r1, self.m = r0, r1, m
         self.ids = torch.cat([chunk.token_ids[:r0], ins, chunk.token_ids[r1:]])
         self.pos, pushed = stable_positions(chunk.position_ids, r0, r1, m, cfg.shift_limit)
         self.n = len(self.ids)
@@ -326,7 +346,6 @@ class FastSplice:
         self.old_src = torch.cat([torch.arange(r0, device=dev),
                                   torch.full((m,), -1, dtype=torch.long, device=dev),
                                   torch.arange(r1, n_old, device=dev)])
-        self.gather = self.old_src.clamp(min=0)
         self.deleted = torch.arange(r0, r1, device=dev)  # old rows whose keys leave every layer
         self.s_idx = torch.arange(r0, r0 + m + pushed, device=dev)  # rows whose input changed
         self.x_s = embed(fw.w, self.ids[self.s_idx], self.pos[self.s_idx])
@@ -334,6 +353,11 @@ class FastSplice:
         self.report = FastUpdate()
         self.layers: list[FastLayer] = []
         self.left = self.deleted
+
+    def _splice_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Old rows (n_old, ...) in the new order: rows before the splice, m rows of zeros,
+        rows after it (two slices copied, cheaper than a gather by index)."""
+        return torch.cat([t[: self.r0], t.new_zeros((self.m, *t.shape[1:])), t[self.r1 :]])
 
     def begin_layer(self, layer: int) -> bool:
         """Carry layer `layer`'s old state into the new row order; False if no row's input
@@ -343,10 +367,10 @@ class FastSplice:
         if self.identity:
             q, k, v = old.q.clone(), old.k.clone(), old.v.clone()
             lse, slack, codes = old.lse.clone(), old.slack.clone(), old.codes.long()
-        else:
-            g = self.gather
-            q, k, v = old.q[g], old.k[g], old.v[g]
-            lse, slack, codes = old.lse[g], old.slack[g], old.codes[g].long()
+        else:  # the kept rows around the m new ones (those are filled in by `attend`)
+            q, k, v, lse, slack = (self._splice_rows(t) for t in (
+                old.q, old.k, old.v, old.lse, old.slack))
+            codes = self._splice_rows(old.codes).long()
         codes[self.r0 : self.r0 + self.m] = -1  # the inserted rows have no code yet
         self.q, self.k, self.v, self.lse, self.slack, self.codes = q, k, v, lse, slack, codes
         s_src = self.old_src[self.s_idx]
@@ -374,10 +398,9 @@ class FastSplice:
             1.0 / math.sqrt(d))
         w = w.sub_(lse.t().unsqueeze(-1)).exp_()  # (H, n, J)
         w[:, :, len(k_s):].neg_()  # a key that left takes its mass back
-        code_vec = _code_vectors(fw, layer, codes.clamp_min(0)).transpose(0, 1)  # (H, n, d)
         w_sum = w.sum(-1)  # (H, n)
-        move = torch.matmul(w, vals.transpose(0, 1)).sub_(w_sum.unsqueeze(-1) * code_vec)
-        drift = move.norm(dim=-1).div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)
+        move = _move_norm(fw, layer, w, w_sum, vals.transpose(0, 1), codes.clamp_min(0).t())
+        drift = move.div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)
         t_rows = self.n - len(s_idx)
         macs.add("attn_scores", t_rows * len(keys) * heads * d)
         macs.add("attn_values", t_rows * len(keys) * heads * d)
@@ -413,7 +436,7 @@ class FastSplice:
 
     def result(self) -> tuple[FastChunk, FastUpdate]:
         chunk, s_idx = self.chunk, self.s_idx
-        out = chunk.out.clone() if self.identity else chunk.out[self.gather]
+        out = chunk.out.clone() if self.identity else self._splice_rows(chunk.out)
         if len(s_idx):
             out[s_idx] = self.x_s.to(STORE)
         new = FastChunk(self.ids, self.pos, self.layers, out, _pooled(out),

@@ -13,10 +13,11 @@ import torch
 from engine_streams import stream_docs
 
 from incstream.engine.incremental.chunks import ChunkPolicy
-from incstream.engine.incremental.fast_chunk import stable_positions
+from incstream.engine.incremental.fast_chunk import _move_norm, stable_positions
 from incstream.engine.incremental.fast_mode import (
     FastModeConfig,
     bundle_dial,
+    fast_weights,
     native_bfloat16_cpu,
     resolve_matmul,
     resolve_mode,
@@ -197,3 +198,20 @@ def test_real_typing_history_divergence_is_bounded(model, tokenizer):
     # benchmark reports the real distribution.
     assert agree / len(diffs) >= 0.8, (agree, diffs)
     assert diffs[len(diffs) // 2] < 0.08 and diffs[-1] < 0.35, diffs
+
+
+def test_context_move_from_dot_products_equals_the_direct_sum(model):
+    """_move_norm expands |sum_j w_j v_j - w_sum c| into J x J and J x K dot products; it
+    must give the norm of the explicit (n, d) vectors."""
+    fw = fast_weights(model)
+    heads, n, keys = model.cfg.heads, 40, 5
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(heads, n, keys, generator=gen) * 0.1
+    vals = torch.randn(heads, keys, model.cfg.head_dim, generator=gen)
+    codes = torch.randint(0, model.k, (heads, n), generator=gen)
+    code_vec = fw.codebooks.codes[2].gather(
+        1, codes.unsqueeze(-1).expand(-1, -1, model.cfg.head_dim))  # (H, n, d)
+    w_sum = w.sum(-1)
+    direct = (torch.matmul(w, vals) - w_sum.unsqueeze(-1) * code_vec).norm(dim=-1)
+    torch.testing.assert_close(_move_norm(fw, 2, w, w_sum, vals, codes), direct,
+                               rtol=1e-3, atol=1e-4)
