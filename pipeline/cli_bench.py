@@ -131,7 +131,7 @@ def engine_batch_cmd(stream: Path, batches: str, rounds: int, matmul: str | None
 
     torch.set_num_threads(threads)
     sizes = tuple(int(b) for b in batches.split(",") if b.strip())
-    fast = resolve_mode(mode="fast", matmul=matmul)
+    fast = resolve_mode(_bundle_engine(DEFAULT_MODEL_NAME), mode="fast", matmul=matmul)
     result = run_batch_bench(stream, sizes, rounds, fast=fast,
                              device=device, progress=not quiet)
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +215,7 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int, mode
                "chunk_cache_macs_ratio": peers["chunk_cache"]["macs_ratio"],
                "chunk_cache_time_ratio": peers["chunk_cache"]["time_ratio"],
                "chunk_cache_bf16_time_ratio": peers["chunk_cache_bf16"]["time_ratio"],
+               "chunk_cache_onednn_time_ratio": peers["chunk_cache_onednn"]["time_ratio"],
                "full_dense_macs_ratio": peers["full_dense"]["macs_ratio"],
                "in_chunk_macs_ratio": result["macs_ratio_touched_chunks_vs_dense_vq"],
                "engine_macs_mean": result["engine"]["macs"]["mean"],

@@ -366,25 +366,20 @@ def render_table(result: dict[str, Any]) -> None:
     table.add_row("engine MMACs", *med(result["engine"]["macs"], 1e-6))
     table.add_row("chunk cache MMACs", *med(peers["chunk_cache"]["macs"], 1e-6))
     table.add_row("full dense MMACs", *med(peers["full_dense"]["macs"], 1e-6))
+    variants = [(v.key, v.key.replace("chunk_cache", "chunk cache").replace("_", " "))
+                for v in CHUNK_CACHE_VARIANTS]
     table.add_row("engine ms", *med(result["engine"]["seconds"], 1e3))
-    table.add_row("chunk cache ms", *med(peers["chunk_cache"]["seconds"], 1e3))
-    table.add_row("chunk cache bf16 ms", *med(peers["chunk_cache_bf16"]["seconds"], 1e3))
-    table.add_row("chunk cache oneDNN ms", *med(peers["chunk_cache_onednn"]["seconds"], 1e3))
+    for key, name in variants:
+        table.add_row(f"{name} ms", *med(peers[key]["seconds"], 1e3))
     table.add_row("full dense ms", *med(peers["full_dense"]["seconds"], 1e3))
     table.add_row("MACs chunk cache / engine", *med(peers["chunk_cache"]["macs_ratio"]))
-    table.add_row("time chunk cache / engine", *med(peers["chunk_cache"]["time_ratio"]))
-    table.add_row("time chunk cache bf16 / engine",
-                  *med(peers["chunk_cache_bf16"]["time_ratio"]))
-    table.add_row("time chunk cache oneDNN / engine",
-                  *med(peers["chunk_cache_onednn"]["time_ratio"]))
+    for key, name in variants:
+        table.add_row(f"time {name} / engine", *med(peers[key]["time_ratio"]))
     table.add_row("engine ms, alone", *med(result["engine"]["seconds_alone"], 1e3))
-    table.add_row("chunk cache ms, alone", *med(peers["chunk_cache"]["seconds_alone"], 1e3))
-    table.add_row("time chunk cache / engine, each alone",
-                  *med(peers["chunk_cache"]["time_ratio_alone"]))
-    table.add_row("time chunk cache bf16 / engine, each alone",
-                  *med(peers["chunk_cache_bf16"]["time_ratio_alone"]))
-    table.add_row("time chunk cache oneDNN / engine, each alone",
-                  *med(peers["chunk_cache_onednn"]["time_ratio_alone"]))
+    for key, name in variants:
+        table.add_row(f"{name} ms, alone", *med(peers[key]["seconds_alone"], 1e3))
+    for key, name in variants:
+        table.add_row(f"time {name} / engine, each alone", *med(peers[key]["time_ratio_alone"]))
     table.add_row("MACs full dense / engine", *med(peers["full_dense"]["macs_ratio"]))
     table.add_row("time full dense / engine", *med(peers["full_dense"]["time_ratio"]))
     table.add_row("max |prob diff| vs fresh exact", *med(result["divergence"]["max_prob_diff"]))

@@ -168,6 +168,8 @@ def _move_norm(fw: FastWeights, layer: int, w: torch.Tensor, w_sum: torch.Tensor
     Expanded into dot products between the J values and the K codes, so that nothing of size
     (n, d) is built (one edit: J is a few keys, n a whole chunk):
     |Wv|^2 - 2 w_sum (Wv . c) + w_sum^2 |c|^2, with Wv . c = sum_j w_ij (v_j . c_i).
+    The terms nearly cancel where the move is near zero: an error floor of ~3e-4 x |w_sum c|
+    in float32, far below the slack it is charged against (a fraction of a code gap).
     """
     cb = fw.codebooks.codes[layer]  # (H, K, d)
     vv = torch.matmul(vals, vals.transpose(1, 2))  # (H, J, J)
@@ -402,8 +404,10 @@ class FastSplice:
         move = _move_norm(fw, layer, w, w_sum, vals.transpose(0, 1), codes.clamp_min(0).t())
         drift = move.div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)
         t_rows = self.n - len(s_idx)
-        macs.add("attn_scores", t_rows * len(keys) * heads * d)
-        macs.add("attn_values", t_rows * len(keys) * heads * d)
+        j, k_codes = len(keys), fw.codebooks.codes[layer].shape[1]
+        macs.add("attn_scores", t_rows * j * heads * d)
+        # the drift's dot products (_move_norm): values x values, values x codes, rows x J^2
+        macs.add("attn_values", heads * (j * j * d + k_codes * j * d + self.n * j * j))
         slack_f = self.slack.to(F32).sub_(drift.t())
         slack = slack_f.to(STORE)
         # 3. Recompute whole contexts of S and of rows whose slack ran out; re-quantize them.

@@ -43,7 +43,7 @@ from incstream.engine.model.minilm import (
     with_matmul_dtype,
     with_packed_matrices,
 )
-from incstream.engine.model.packed_linear import pack
+from incstream.engine.model.packed_linear import PackedWeight, pack
 
 MAX_POSITIONS = 512
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -144,9 +144,12 @@ class FastWeights:
     code_offsets: torch.Tensor  # (H,) long: h*K
     code_gap: torch.Tensor  # (layers, H, K) distance from each code to its nearest other code
     gap_median: torch.Tensor  # (layers,) median of code_gap per layer: tau's unit
-    wqkv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer Q, K, V stacked: (3C, C), (3C,)
-    # The layers the fast mode computes with: `w.layers`, or copies whose feed-forward
-    # matrices and biases are in the matmul dtype (LayerNorm stays float32); wqkv likewise.
+    # per layer Q, K, V stacked: (3C, C), (3C,); the matrix packed for oneDNN where it can be
+    wqkv: list[tuple[torch.Tensor | PackedWeight, torch.Tensor]]
+    # The layers the fast mode computes with: copies of `w.layers` whose feed-forward matrices
+    # and biases are in the matmul dtype (LayerNorm stays float32), the matrices packed for
+    # oneDNN where they can be; wqkv likewise. (Q, K, V go through wqkv, the output
+    # projection through the lookup tables: only the feed-forward pair is read here.)
     layers: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -167,7 +170,7 @@ def _with_matmul_dtype(fw: FastWeights, dtype: torch.dtype) -> FastWeights:
     # update multiplies a few rows, where F.linear's per-call re-layout or float32 sgemm cost
     # as much as the product).
     wqkv = [(pack(w.to(dtype)), b.to(dtype)) for w, b in fw.wqkv]
-    layers = with_packed_matrices(with_matmul_dtype(fw.w, dtype)).layers
+    layers = with_packed_matrices(with_matmul_dtype(fw.w, dtype), ("w_up", "w_down")).layers
     return replace(fw, layers=layers, wqkv=wqkv)
 
 

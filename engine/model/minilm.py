@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from incstream.engine.model.macs import MacCounter
-from incstream.engine.model.packed_linear import pack, project
+from incstream.engine.model.packed_linear import TYPICAL_ROWS, pack, project
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ class MiniLMConfig:
 
 @dataclass
 class LayerWeights:
-    """One transformer block. Linear weights are stored (out, in) like nn.Linear."""
+    """One transformer block. Linear weights are stored (out, in) like nn.Linear; in a model
+    made by `with_packed_matrices` some are PackedWeight (engine.model.packed_linear), which
+    only `linear` reads."""
 
     wq: torch.Tensor
     bq: torch.Tensor
@@ -152,11 +154,13 @@ def with_matmul_dtype(w: MiniLMWeights, dtype: torch.dtype) -> MiniLMWeights:
     return replace(w, layers=layers)
 
 
-def with_packed_matrices(w: MiniLMWeights) -> MiniLMWeights:
-    """The same model with its linear layers' matrices laid out once for oneDNN where it can
-    (engine.model.packed_linear: fewer seconds per product on the CPU, same values); `linear`
-    multiplies with them. Only for models that are run, never read as matrices."""
-    layers = [replace(lw, **{name: pack(getattr(lw, name)) for name in PACKED_FIELDS})
+def with_packed_matrices(w: MiniLMWeights, fields: tuple[str, ...] = PACKED_FIELDS,
+                         rows: int = TYPICAL_ROWS) -> MiniLMWeights:
+    """The same model with these matrices of its linear layers laid out once for oneDNN, for
+    products of about `rows` rows, where it can (engine.model.packed_linear: fewer seconds per
+    product on the CPU, same values); `linear` multiplies with them. Only for models that are
+    run, never read as matrices (cast first, then pack)."""
+    layers = [replace(lw, **{name: pack(getattr(lw, name), rows) for name in fields})
               for lw in w.layers]
     return replace(w, layers=layers)
 

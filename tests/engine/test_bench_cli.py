@@ -39,7 +39,8 @@ def test_bench_engine_cli(tmp_path):
                 assert d["peers"][peer][key]["n"] == 3, (peer, key)
                 assert d["peers"][peer][key]["median"] > 0
         # the same edits once more with the engine and the chunk cache each alone
-        for peer in ("chunk_cache", "chunk_cache_bf16", "chunk_cache_onednn"):
+        for peer in ("chunk_cache", "chunk_cache_bf16", "chunk_cache_onednn",
+                     "chunk_cache_bf16_onednn"):
             assert d["peers"][peer]["time_ratio_alone"]["n"] == 3, peer
             assert d["peers"][peer]["seconds_alone"]["median"] > 0
         assert d["engine"]["seconds_alone"]["n"] == 3

@@ -16,9 +16,11 @@ from incstream.engine.model.minilm import (
 from incstream.engine.model.packed_linear import PackedWeight, pack, packing_available, project
 
 needs_onednn = pytest.mark.skipif(not packing_available(), reason="torch without oneDNN")
+needs_onednn_bf16 = pytest.mark.skipif(not packing_available(torch.bfloat16),
+                                       reason="no oneDNN bfloat16 on this CPU")
 
 
-@needs_onednn
+@needs_onednn_bf16
 @pytest.mark.parametrize("rows", [1, 4, 17, 256])
 def test_bfloat16_products_are_bit_for_bit_those_of_f_linear(rows):
     gen = torch.Generator().manual_seed(rows)
@@ -58,6 +60,7 @@ def test_what_onednn_cannot_take_is_left_as_it_is():
 
 
 @needs_onednn
+@needs_onednn_bf16
 def test_a_packed_model_answers_as_the_plain_one():
     config = MiniLMConfig(vocab_size=50, hidden=64, heads=4, ffn=128, layers=2,
                           max_positions=64)
