@@ -67,9 +67,11 @@ def cli() -> None:
               help="fast mode: rebuild a chunk canonically after N updates (0 = never)")
 @click.option("--refresh-displacement", "fast_refresh_displacement", type=int,
               help="fast mode: rebuild a chunk when a row's id is this far from canonical")
-@click.option("--matmul", "fast_matmul", type=click.Choice(["float32", "bfloat16", "auto"]),
-              help="fast mode: dtype of the linear layers' matmuls; auto (default): bfloat16 "
-                   "where the CPU runs it natively, else float32 [INCSTREAM_FAST_MATMUL]")
+@click.option("--matmul", "fast_matmul",
+              type=click.Choice(["float32", "bfloat16", "int8", "auto"]),
+              help="fast mode: how the linear layers multiply (int8: int8 weights and rows, "
+                   "CPU only); auto (default): bfloat16 where the CPU runs it natively, else "
+                   "float32 [INCSTREAM_FAST_MATMUL]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["text", "json"]),
               help="text (default) or json: one JSON object a line [INCSTREAM_LOG_FORMAT]")

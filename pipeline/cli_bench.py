@@ -34,8 +34,10 @@ def bench() -> None:
               help="Fast mode: rebuild a chunk canonically after N updates (0 = never).")
 @click.option("--refresh-displacement", type=int, default=None,
               help="Fast mode: rebuild a chunk when a row's id is this far from canonical.")
-@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "auto"]), default=None,
-              help="Fast mode: dtype of the linear layers' matmuls (default: the bundle's "
+@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "int8", "auto"]),
+              default=None,
+              help="Fast mode: how the linear layers multiply (int8: int8 weights and "
+                   "dynamically quantized rows, CPU only; default: the bundle's "
                    "dial, else auto, as a worker resolves it: bfloat16 on a CPU with "
                    "AVX512-BF16/AMX or CUDA, else float32).")
 @click.option("--threads", type=int, default=1, show_default=True,
@@ -110,8 +112,10 @@ def _setting(value: str) -> float | int | str:
               help="Batch sizes (documents per batched step), comma-separated.")
 @click.option("--rounds", type=int, default=60, show_default=True,
               help="Edits replayed per document.")
-@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "auto"]), default=None,
-              help="Fast mode: dtype of the linear layers' matmuls (default: the bundle's "
+@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "int8", "auto"]),
+              default=None,
+              help="Fast mode: how the linear layers multiply (int8: int8 weights and "
+                   "dynamically quantized rows, CPU only; default: the bundle's "
                    "dial, else auto, as a worker resolves it: bfloat16 on a CPU with "
                    "AVX512-BF16/AMX or CUDA, else float32).")
 @click.option("--threads", type=int, default=1, show_default=True)

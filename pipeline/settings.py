@@ -124,8 +124,9 @@ class Settings(BaseSettings):
     fast_context_tolerance: float | None = None
     fast_refresh_edits: int | None = None
     fast_refresh_displacement: int | None = None
-    # "float32", "bfloat16" or "auto"; unset: the bundle's, else auto = bfloat16 where the
-    # hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX), else float32
+    # "float32", "bfloat16", "int8" (CPU only) or "auto"; unset: the bundle's, else auto =
+    # bfloat16 where the hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX), else
+    # float32
     fast_matmul: str | None = None
 
     def engine(self, bundle_engine: dict | None = None):

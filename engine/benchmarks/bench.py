@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from incstream.engine.benchmarks.alone_timing import time_alone
-from incstream.engine.benchmarks.peers import CHUNK_CACHE_VARIANTS, FreshReference, full_dense
+from incstream.engine.benchmarks.peers import FreshReference, chunk_cache_variants, full_dense
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.edit_tokenizer import tokenize
 from incstream.engine.incremental.fast_mode import FastModeConfig
@@ -110,11 +110,12 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
     policy = ChunkPolicy(max_tokens=chunk_tokens)
     engine_mode: str | FastModeConfig = "exact" if mode == "exact" else (fast or FastModeConfig())
     reference = FreshReference(model, tokenizer, policy)
+    variants = chunk_cache_variants(model.device)
     layer_fracs: list[list[float]] = [[] for _ in range(model.cfg.layers)]
     rec: dict[str, list[float]] = {k: [] for k in (
         "engine_macs", "engine_seconds", "cc_macs", "full_macs", "full_seconds",
         "cc_macs_ratio", "full_macs_ratio", "full_time_ratio", "alone_engine_seconds",
-        *(f"{v.key}:{what}" for v in CHUNK_CACHE_VARIANTS
+        *(f"{v.key}:{what}" for v in variants
           for what in ("seconds", "time_ratio", "seconds_alone", "time_ratio_alone")),
         "touched_macs_ratio", "prob_diff", "engine_bytes_per_token", "cc_bytes_per_token",
         "reference_step")}
@@ -135,15 +136,15 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
     for doc_id, snapshot, evs in documents:
         # Each alone first (engine.benchmarks.alone_timing), then all interleaved.
         alone, alone_caches = time_alone(model, tokenizer, snapshot, evs[:cap], policy,
-                                         engine_mode)
+                                         engine_mode, variants)
         rec["alone_engine_seconds"] += [sec for sec in alone if sec is not None]
-        for variant, seconds in zip(CHUNK_CACHE_VARIANTS, alone_caches, strict=True):
+        for variant, seconds in zip(variants, alone_caches, strict=True):
             for e_sec, cc_sec in zip(alone, seconds, strict=True):
                 if e_sec is not None:  # (the peers' are None exactly where the engine's are)
                     rec[f"{variant.key}:seconds_alone"].append(cc_sec)
                     rec[f"{variant.key}:time_ratio_alone"].append(cc_sec / e_sec)
         session = DocumentSession(model, tokenizer, snapshot, policy, mode=engine_mode)
-        caches = [v.cache(model, session.cls_id, session.sep_id) for v in CHUNK_CACHE_VARIANTS]
+        caches = [v.cache(model, session.cls_id, session.sep_id) for v in variants]
         for cache in caches:
             cache.update(session.tokens.ids, session.chunk_lengths, MacCounter())
         doc_events = doc_agree = 0
@@ -212,7 +213,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
                 rec["cc_macs"].append(float(cc_counter.total))
                 rec["full_macs"].append(float(full_counter.total))
                 rec["cc_macs_ratio"].append(cc_counter.total / e_macs)
-                for variant, cc_sec in zip(CHUNK_CACHE_VARIANTS, cache_seconds, strict=True):
+                for variant, cc_sec in zip(variants, cache_seconds, strict=True):
                     rec[f"{variant.key}:seconds"].append(cc_sec)
                     rec[f"{variant.key}:time_ratio"].append(cc_sec / e_sec)
                 rec["full_macs_ratio"].append(full_counter.total / e_macs)
@@ -277,7 +278,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
                        "macs_ratio": q(rec["cc_macs_ratio"]), "macs": q(rec["cc_macs"]),
                        **{what: q(rec[f"{v.key}:{what}"]) for what in (
                            "seconds", "time_ratio", "seconds_alone", "time_ratio_alone")}}
-               for v in CHUNK_CACHE_VARIANTS},
+               for v in variants},
             "full_dense": {"macs_ratio": q(rec["full_macs_ratio"]),
                            "time_ratio": q(rec["full_time_ratio"]),
                            "macs": q(rec["full_macs"]), "seconds": q(rec["full_seconds"])},
@@ -366,8 +367,8 @@ def render_table(result: dict[str, Any]) -> None:
     table.add_row("engine MMACs", *med(result["engine"]["macs"], 1e-6))
     table.add_row("chunk cache MMACs", *med(peers["chunk_cache"]["macs"], 1e-6))
     table.add_row("full dense MMACs", *med(peers["full_dense"]["macs"], 1e-6))
-    variants = [(v.key, v.key.replace("chunk_cache", "chunk cache").replace("_", " "))
-                for v in CHUNK_CACHE_VARIANTS]
+    variants = [(key, key.replace("chunk_cache", "chunk cache").replace("_", " "))
+                for key in peers if key.startswith("chunk_cache")]
     table.add_row("engine ms", *med(result["engine"]["seconds"], 1e3))
     for key, name in variants:
         table.add_row(f"{name} ms", *med(peers[key]["seconds"], 1e3))

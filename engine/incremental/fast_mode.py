@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 import torch
 
 from incstream.engine.model.codebooks import Codebooks
+from incstream.engine.model.int8_linear import Int8Weight, int8_available, quantize
 from incstream.engine.model.minilm import (
     MiniLMWeights,
     cast_weights,
+    with_int8_matrices,
     with_matmul_dtype,
     with_packed_matrices,
 )
@@ -47,7 +49,9 @@ from incstream.engine.model.packed_linear import PackedWeight, pack
 
 MAX_POSITIONS = 512
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MATMUL_CHOICES = (*MATMUL_DTYPES, "auto")
+# "int8": int8 weights and dynamically quantized int8 rows (engine.model.int8_linear)
+MATMUL_KINDS = (*MATMUL_DTYPES, "int8")
+MATMUL_CHOICES = (*MATMUL_KINDS, "auto")
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,13 @@ class FastModeConfig:
     refresh_edits: int = 64
     refresh_displacement: int = 16
     shift_limit: int = 2
-    matmul: str = "float32"  # or "bfloat16": dtype of the linear layers' matmuls
+    matmul: str = "float32"  # or "bfloat16" / "int8": how the linear layers multiply
 
     def __post_init__(self) -> None:
         if self.tau < 0 or self.context_tolerance < 0:
             raise ValueError("tau and context_tolerance must be >= 0")
-        if self.matmul not in MATMUL_DTYPES:
-            raise ValueError(f"matmul must be one of {', '.join(MATMUL_DTYPES)}, "
+        if self.matmul not in MATMUL_KINDS:
+            raise ValueError(f"matmul must be one of {', '.join(MATMUL_KINDS)}, "
                              f"not {self.matmul!r}")
         if self.refresh_edits < 0 or self.refresh_displacement < 0 or self.shift_limit < 0:
             raise ValueError("refresh budgets and shift_limit must be >= 0")
@@ -145,7 +149,7 @@ class FastWeights:
     code_gap: torch.Tensor  # (layers, H, K) distance from each code to its nearest other code
     gap_median: torch.Tensor  # (layers,) median of code_gap per layer: tau's unit
     # per layer Q, K, V stacked: (3C, C), (3C,); the matrix packed for oneDNN where it can be
-    wqkv: list[tuple[torch.Tensor | PackedWeight, torch.Tensor]]
+    wqkv: list[tuple[torch.Tensor | PackedWeight | Int8Weight, torch.Tensor]]
     # The layers the fast mode computes with: copies of `w.layers` whose feed-forward matrices
     # and biases are in the matmul dtype (LayerNorm stays float32), the matrices packed for
     # oneDNN where they can be; wqkv likewise. (Q, K, V go through wqkv, the output
@@ -159,13 +163,21 @@ def fast_weights(model, matmul: str = "float32") -> FastWeights:
     `matmul` dtype (cached on the model, per dtype)."""
     cache = model.__dict__.setdefault("_fast_weights", {})
     if matmul not in cache:
-        cache[matmul] = _with_matmul_dtype(_fast_weights32(model), MATMUL_DTYPES[matmul])
+        cache[matmul] = _with_matmul(_fast_weights32(model), matmul)
     return cache[matmul]
 
 
-def _with_matmul_dtype(fw: FastWeights, dtype: torch.dtype) -> FastWeights:
+def _with_matmul(fw: FastWeights, matmul: str) -> FastWeights:
     from dataclasses import replace
 
+    if matmul == "int8":  # (engine.model.int8_linear: each matrix with its bias)
+        if fw.w.device.type != "cpu" or not int8_available():
+            raise ValueError("matmul int8 runs on the CPU with fbgemm only; use float32 or "
+                             "bfloat16 here")
+        wqkv = [(quantize(w, b), b) for w, b in fw.wqkv]
+        layers = with_int8_matrices(fw.w, ("w_up", "w_down")).layers
+        return replace(fw, layers=layers, wqkv=wqkv)
+    dtype = MATMUL_DTYPES[matmul]
     # The linear layers' matrices laid out once for oneDNN on the CPU (packed_linear: an
     # update multiplies a few rows, where F.linear's per-call re-layout or float32 sgemm cost
     # as much as the product).

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from incstream.engine.model.int8_linear import quantize
 from incstream.engine.model.macs import MacCounter
 from incstream.engine.model.packed_linear import TYPICAL_ROWS, pack, project
 
@@ -56,8 +57,8 @@ class MiniLMConfig:
 @dataclass
 class LayerWeights:
     """One transformer block. Linear weights are stored (out, in) like nn.Linear; in a model
-    made by `with_packed_matrices` some are PackedWeight (engine.model.packed_linear), which
-    only `linear` reads."""
+    made by `with_packed_matrices` or `with_int8_matrices` some are PackedWeight or Int8Weight
+    (engine.model.packed_linear, int8_linear), which only `linear` reads."""
 
     wq: torch.Tensor
     bq: torch.Tensor
@@ -162,6 +163,17 @@ def with_packed_matrices(w: MiniLMWeights, fields: tuple[str, ...] = PACKED_FIEL
     run, never read as matrices (cast first, then pack)."""
     layers = [replace(lw, **{name: pack(getattr(lw, name), rows) for name in fields})
               for lw in w.layers]
+    return replace(w, layers=layers)
+
+
+def with_int8_matrices(w: MiniLMWeights,
+                       fields: tuple[str, ...] = PACKED_FIELDS) -> MiniLMWeights:
+    """The same model with these matrices of its linear layers (and their biases) quantized
+    to int8 per output channel and packed for fbgemm (engine.model.int8_linear): `linear`
+    then multiplies dynamically quantized rows with them and returns float32. Only for
+    models that are run, never read as matrices."""
+    layers = [replace(lw, **{name: quantize(getattr(lw, name), getattr(lw, "b" + name[1:]))
+                             for name in fields}) for lw in w.layers]
     return replace(w, layers=layers)
 
 
