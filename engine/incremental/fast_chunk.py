@@ -1,8 +1,9 @@
 """A fast-mode chunk: compact float16 state, and its incremental update after an edit.
 
 What a chunk keeps, per layer and row (engine.incremental.fast_mode explains the dial):
-- q, k, v (n, H, d) float16: every other row's new context needs the changed rows' keys and
-  values, and the stable rows' queries score the changed keys;
+- qkv (n, 3, H, d) float16, the rows' queries, keys and values in one tensor (an update
+  splices, converts and writes them together): every other row's new context needs the
+  changed rows' keys and values, and the stable rows' queries score the changed keys;
 - lse (n, H) float32: log of the row's softmax normaliser when its context was last computed,
   so the attention mass a changed key takes or gives back can be priced without the context;
 - held (n, H) float16: attention mass of keys changed since the row's context was computed;
@@ -46,12 +47,22 @@ F32 = torch.float32
 
 @dataclass
 class FastLayer:
-    q: torch.Tensor  # (n, H, d) float16
-    k: torch.Tensor  # (n, H, d) float16
-    v: torch.Tensor  # (n, H, d) float16
+    qkv: torch.Tensor  # (n, 3, H, d) float16: queries, keys, values
     lse: torch.Tensor  # (n, H) float32
     slack: torch.Tensor  # (n, H) float16: how far the context may still move, held
     codes: torch.Tensor  # (n, H) uint8
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.qkv[:, 0]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.qkv[:, 1]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.qkv[:, 2]
 
 
 @dataclass
@@ -72,7 +83,7 @@ class FastChunk:
     def nbytes(self) -> int:
         tensors = [self.token_ids, self.position_ids, self.out, self.pooled]
         for layer in self.layers:
-            tensors += [layer.q, layer.k, layer.v, layer.lse, layer.slack, layer.codes]
+            tensors += [layer.qkv, layer.lse, layer.slack, layer.codes]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -181,15 +192,12 @@ def _move_norm(fw: FastWeights, layer: int, w: torch.Tensor, w_sum: torch.Tensor
     return (wv_sq - 2.0 * w_sum * wv_c + w_sum * w_sum * c_sq).clamp_min_(0.0).sqrt_()
 
 
-def _qkv(fw: FastWeights, layer: int, x: torch.Tensor,
-         macs: MacCounter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V (each (m, H, d)) of rows x (m, C) with one fused matmul."""
+def _qkv(fw: FastWeights, layer: int, x: torch.Tensor, macs: MacCounter) -> torch.Tensor:
+    """Q, K, V of rows x (m, C) with one fused matmul, as (m, 3, H, d) float32."""
     cfg = fw.w.config
     w, b = fw.wqkv[layer]
     macs.add("linear", x.shape[0] * w.shape[0] * w.shape[1])
-    out = project(x, w, b).to(F32)
-    q, k, v = out.view(-1, 3, cfg.heads, cfg.head_dim).unbind(1)
-    return q, k, v
+    return project(x, w, b).to(F32).view(-1, 3, cfg.heads, cfg.head_dim)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -220,11 +228,10 @@ def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tens
     layers = []
     none = torch.full((n, heads), -1, dtype=torch.long, device=dev)
     for layer, lw in enumerate(fw.layers):
-        q, k, v = _qkv(fw, layer, x, macs)
-        lse, ctx = _attend(q, k, v, macs)
+        qkv = _qkv(fw, layer, x, macs)
+        lse, ctx = _attend(*qkv.unbind(1), macs)
         codes, slack = _requantize(fw, cfg, layer, ctx, none, macs)
-        layers.append(FastLayer(q.to(STORE), k.to(STORE), v.to(STORE), lse, slack.to(STORE),
-                                codes.to(torch.uint8)))
+        layers.append(FastLayer(qkv.to(STORE), lse, slack.to(STORE), codes.to(torch.uint8)))
         x = feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), mcfg.layer_norm_eps,
                                macs)
     out = x.to(STORE)
@@ -256,12 +263,12 @@ def restore_fast_chunk(fw: FastWeights, cfg: FastModeConfig, record: ChunkRecord
     x = embed(fw.w, ids, pos)
     layers = []
     for layer, lw in enumerate(fw.layers):
-        q, k, v = _qkv(fw, layer, x, macs)
-        lse, ctx = _attend(q, k, v, macs)
+        qkv = _qkv(fw, layer, x, macs)
+        lse, ctx = _attend(*qkv.unbind(1), macs)
         held = codes[layer].long()
         slack = _held_slack(fw, cfg, layer, ctx, held)
-        layers.append(FastLayer(q.to(STORE), k.to(STORE), v.to(STORE), lse.contiguous(),
-                                slack.to(STORE), codes[layer].to(torch.uint8)))
+        layers.append(FastLayer(qkv.to(STORE), lse.contiguous(), slack.to(STORE),
+                                codes[layer].to(torch.uint8)))
         x = feed_forward_block(lw, x, _lookup(fw, layer, held, macs), fw.w.config.layer_norm_eps,
                                macs)
     out = x.to(STORE)
@@ -357,9 +364,12 @@ class FastSplice:
         self.left = self.deleted
 
     def _splice_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Old rows (n_old, ...) in the new order: rows before the splice, m rows of zeros,
-        rows after it (two slices copied, cheaper than a gather by index)."""
-        return torch.cat([t[: self.r0], t.new_zeros((self.m, *t.shape[1:])), t[self.r1 :]])
+        """Old rows (n_old, ...) in the new order: rows before the splice, m placeholder rows,
+        rows after it (one cat of slices, cheaper than a gather by index). The placeholders
+        are copies of old rows (no zeros to allocate): every field of an inserted row is
+        written before it is read (qkv, lse, slack by `attend`, codes by `begin_layer`)."""
+        filler = t[: self.m] if self.m <= len(t) else t.new_zeros((self.m, *t.shape[1:]))
+        return torch.cat([t[: self.r0], filler, t[self.r1 :]])
 
     def begin_layer(self, layer: int) -> bool:
         """Carry layer `layer`'s old state into the new row order; False if no row's input
@@ -367,39 +377,38 @@ class FastSplice:
         self.report.rows_changed.append(len(self.s_idx))
         old = self.chunk.layers[layer]
         if self.identity:
-            q, k, v = old.q.clone(), old.k.clone(), old.v.clone()
-            lse, slack, codes = old.lse.clone(), old.slack.clone(), old.codes.long()
+            qkv, lse, slack = old.qkv.clone(), old.lse.clone(), old.slack.clone()
+            codes = old.codes.long()
         else:  # the kept rows around the m new ones (those are filled in by `attend`)
-            q, k, v, lse, slack = (self._splice_rows(t) for t in (
-                old.q, old.k, old.v, old.lse, old.slack))
+            qkv, lse, slack = (self._splice_rows(t) for t in (old.qkv, old.lse, old.slack))
             codes = self._splice_rows(old.codes).long()
         codes[self.r0 : self.r0 + self.m] = -1  # the inserted rows have no code yet
-        self.q, self.k, self.v, self.lse, self.slack, self.codes = q, k, v, lse, slack, codes
+        self.qkv, self.lse, self.slack, self.codes = qkv, lse, slack, codes
         s_src = self.old_src[self.s_idx]
         self.left = torch.cat([self.deleted, s_src[s_src >= 0]])  # old rows whose keys leave
         if len(self.s_idx) == 0 and len(self.left) == 0:
-            self.layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
+            self.layers.append(FastLayer(qkv, lse, slack, codes.to(torch.uint8)))
             return False
         return True
 
-    def attend(self, layer: int, q_s: torch.Tensor, k_s: torch.Tensor,
-               v_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 2-3 with the changed rows' Q/K/V: returns (inputs, codes) of the rows that
-        need the rest of the block (S, and rows whose code flipped)."""
+    def attend(self, layer: int, qkv_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-3 with the changed rows' Q/K/V (|S|, 3, H, d): returns (inputs, codes) of
+        the rows that need the rest of the block (S, and rows whose code flipped)."""
         fw, cfg, macs, report = self.fw, self.cfg, self.macs, self.report
         old = self.chunk.layers[layer]
-        q, k, v, lse, codes, s_idx = self.q, self.k, self.v, self.lse, self.codes, self.s_idx
+        qkv, lse, codes, s_idx = self.qkv, self.lse, self.codes, self.s_idx
+        q_s = qkv_s[:, 0]
         heads, d = fw.w.config.heads, fw.w.config.head_dim
         # 2. How far the keys that left and came in moved every other row's context: weights
         #    against the row's stored normaliser, values' offsets from the row's code vector.
         #    Computed for all n rows, head-major (H, n, J): cheaper than gathering the others;
         #    the rows of S get their context recomputed below anyway.
-        keys = torch.cat([k_s, old.k[self.left].to(F32)])  # (J, H, d)
-        vals = torch.cat([v_s, old.v[self.left].to(F32)])
-        w = torch.matmul(q.to(F32).transpose(0, 1), keys.permute(1, 2, 0)).mul_(
+        kv = torch.cat([qkv_s[:, 1:], old.qkv[self.left, 1:].to(F32)])  # (J, 2, H, d)
+        keys, vals = kv[:, 0], kv[:, 1]  # (J, H, d) each
+        w = torch.matmul(qkv[:, 0].to(F32).transpose(0, 1), keys.permute(1, 2, 0)).mul_(
             1.0 / math.sqrt(d))
         w = w.sub_(lse.t().unsqueeze(-1)).exp_()  # (H, n, J)
-        w[:, :, len(k_s):].neg_()  # a key that left takes its mass back
+        w[:, :, len(s_idx):].neg_()  # a key that left takes its mass back
         w_sum = w.sum(-1)  # (H, n)
         move = _move_norm(fw, layer, w, w_sum, vals.transpose(0, 1), codes.clamp_min(0).t())
         drift = move.div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)
@@ -414,9 +423,10 @@ class FastSplice:
         spent = (slack_f < 0).any(-1)
         spent[s_idx] = False
         u_idx = torch.cat([s_idx, spent.nonzero().squeeze(1)])
-        q[s_idx], k[s_idx], v[s_idx] = q_s.to(STORE), k_s.to(STORE), v_s.to(STORE)
-        q_u = torch.cat([q_s, q[u_idx[len(s_idx):]].to(F32)])
-        lse_u, ctx_u = _attend(q_u, k.to(F32), v.to(F32), macs)
+        qkv[s_idx] = qkv_s.to(STORE)
+        q_u = torch.cat([q_s, qkv[u_idx[len(s_idx):], 0].to(F32)])
+        kv_all = qkv[:, 1:].to(F32)  # (n, 2, H, d)
+        lse_u, ctx_u = _attend(q_u, kv_all[:, 0], kv_all[:, 1], macs)
         lse[u_idx] = lse_u
         p_old = codes[u_idx]
         new_codes, new_slack = _requantize(fw, cfg, layer, ctx_u, p_old, macs)
@@ -426,7 +436,7 @@ class FastSplice:
         report.code_flips += int(flipped.sum())
         codes[u_idx] = new_codes
         slack[u_idx] = new_slack.to(STORE)
-        self.layers.append(FastLayer(q, k, v, lse, slack, codes.to(torch.uint8)))
+        self.layers.append(FastLayer(qkv, lse, slack, codes.to(torch.uint8)))
         # 4. The rest of the block runs for S and the rows whose code changed.
         f_idx = u_idx[len(s_idx):][flipped[len(s_idx):]]
         x_in = self.x_s
@@ -460,11 +470,10 @@ def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
             continue
         sizes = [len(sp.x_s) for sp in active]
         scratch = MacCounter()
-        q, k, v = _qkv(fw, layer, torch.cat([sp.x_s for sp in active]), scratch)
+        qkv = _qkv(fw, layer, torch.cat([sp.x_s for sp in active]), scratch)
         inputs, codes = [], []
-        for sp, q_s, k_s, v_s in zip(active, q.split(sizes), k.split(sizes), v.split(sizes),
-                                     strict=True):
-            x_in, c = sp.attend(layer, q_s, k_s, v_s)
+        for sp, qkv_s in zip(active, qkv.split(sizes), strict=True):
+            x_in, c = sp.attend(layer, qkv_s)
             inputs.append(x_in)
             codes.append(c)
         sizes_out = [len(x) for x in inputs]
