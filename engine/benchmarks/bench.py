@@ -40,6 +40,7 @@ from incstream.engine.incremental.fast_mode import FastModeConfig
 from incstream.engine.incremental.session import DocumentSession
 from incstream.engine.incremental.text_ops import sha1_hex
 from incstream.engine.model.base_model import DEFAULT_BASE_MODEL, load_tokenizer
+from incstream.engine.model.device import device_name
 from incstream.engine.model.macs import MacCounter, dense_chunk_macs
 from incstream.engine.model.model_bundle import DEFAULT_MODEL, load_model_bundle
 from incstream.engine.model.vq_model import VQModel
@@ -250,8 +251,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
     bar.close()
     q = _quantiles
     result: dict[str, Any] = {
-        "device": str(model.device) + (f" ({torch.cuda.get_device_name()})"
-                                       if model.device.type == "cuda" else ""),
+        "device": device_name(model.device),
         "torch_threads": torch.get_num_threads(),
         "mode": mode,
         "fast_config": engine_mode.as_dict() if mode == "fast" else None,
