@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from incstream.engine.benchmarks.peers import CHUNK_CACHE_VARIANTS, ChunkCacheVariant
+from incstream.engine.benchmarks.peers import ChunkCacheVariant, chunk_cache_variants
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.fast_mode import FastModeConfig
 from incstream.engine.incremental.session import DocumentSession
@@ -26,7 +26,7 @@ from incstream.engine.model.vq_model import VQModel
 
 def time_alone(model: VQModel, tokenizer, snapshot: str, events: Sequence[dict],
                policy: ChunkPolicy, mode: str | FastModeConfig,
-               peers: Sequence[ChunkCacheVariant] = CHUNK_CACHE_VARIANTS,
+               peers: Sequence[ChunkCacheVariant] | None = None,
                ) -> tuple[list[float | None], list[list[float | None]]]:
     """(engine seconds per event, and per chunk cache variant its seconds per event); None
     for snapshots and edits that change no token."""
@@ -46,7 +46,7 @@ def time_alone(model: VQModel, tokenizer, snapshot: str, events: Sequence[dict],
         layouts.append((torch.tensor(session.tokens.ids, dtype=torch.int32),
                         list(session.chunk_lengths)))
     cache_seconds = []
-    for variant in peers:
+    for variant in peers if peers is not None else chunk_cache_variants(model.device):
         cache = variant.cache(model, session.cls_id, session.sep_id)
         seconds: list[float | None] = []
         for i, layout in enumerate(layouts):

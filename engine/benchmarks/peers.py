@@ -8,7 +8,8 @@
   and with its matrices laid out once for oneDNN (`chunk_cache_onednn`, float32, and
   `chunk_cache_bf16_onednn`; engine.model.packed_linear), and with int8 weights and
   dynamically quantized rows (`chunk_cache_int8`, engine.model.int8_linear: what
-  `torch.ao.quantization.quantize_dynamic` makes of it), the fastest ways we know to run it in
+  `torch.ao.quantization.quantize_dynamic` makes of it, with 8-bit rows where AVX512-VNNI
+  allows), the fastest ways we know to run it in
   PyTorch on the CPU. `CHUNK_CACHE_VARIANTS` lists them, `chunk_cache_variants` those that
   run on a device.
 - `full_dense`: re-run the dense float32 MiniLM on the whole document (tokenize the whole text,
@@ -154,8 +155,9 @@ CHUNK_CACHE_VARIANTS = (
                       "(as the fast mode's own): F.linear re-lays them out on every call"),
     ChunkCacheVariant("chunk_cache_int8", "int8", False,
                       "the chunk cache with int8 weights and dynamically quantized int8 rows "
-                      "(fbgemm; torch.ao.quantization.quantize_dynamic): a quarter of the "
-                      "weight bytes, ~2x faster than float32 on CPUs with VNNI"),
+                      "(fbgemm; as torch.ao.quantization.quantize_dynamic, 8-bit rows where "
+                      "AVX512-VNNI allows): a quarter of the weight bytes, ~1.6x faster than "
+                      "float32 on a Xeon with VNNI"),
 )
 
 

@@ -366,8 +366,11 @@ class FastSplice:
     def _splice_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Old rows (n_old, ...) in the new order: rows before the splice, m placeholder rows,
         rows after it (one cat of slices, cheaper than a gather by index). The placeholders
-        are copies of old rows (no zeros to allocate): every field of an inserted row is
-        written before it is read (qkv, lse, slack by `attend`, codes by `begin_layer`)."""
+        are copies of old rows (no zeros to allocate). The inserted rows are in S at every
+        layer: `attend`'s pass over all n rows reads their placeholders but its results for S
+        are discarded (spent[S] = False, their lse, slack and codes overwritten through u_idx,
+        their qkv written first), and `result` writes their output rows; so the values never
+        reach the answer (tests/engine/test_fast_mode.py compares with zero placeholders)."""
         filler = t[: self.m] if self.m <= len(t) else t.new_zeros((self.m, *t.shape[1:]))
         return torch.cat([t[: self.r0], filler, t[self.r1 :]])
 

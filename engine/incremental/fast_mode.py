@@ -22,12 +22,15 @@ divergence for reuse, with four knobs:
   bounds how far history can pull a chunk away from a fresh build; 0 disables a trigger.
 
 Everything runs in float32 and the kept state is float16 (engine.incremental.fast_chunk): only
-what an update needs. A fifth knob, `matmul`, runs the per-row linear layers (Q/K/V and the
-feed-forward) in bfloat16 with float32 accumulation: on CPUs with AVX512-BF16 or AMX they run
-2-4x faster, at a small measured cost in divergence; attention, codebook search, LayerNorm and
-the kept state are unchanged. `matmul="auto"` (what a worker resolves when neither its settings
-nor its bundle choose) takes bfloat16 where the hardware runs it natively (CUDA, or a CPU with
-AVX512-BF16 or AMX) and float32 elsewhere, where bfloat16 would be emulated and slower.
+what an update needs. A fifth knob, `matmul`, says how the per-row linear layers (Q/K/V and the
+feed-forward) multiply: float32; bfloat16 with float32 accumulation (2-4x faster on CPUs with
+AVX512-BF16 or AMX, at a small measured cost in divergence); or int8 (CPU only: int8 weights
+and dynamically quantized rows, engine.model.int8_linear; a quarter of the weight bytes, for
+CPUs whose caches cannot hold the float32 weights, at about twice the divergence). Attention,
+codebook search, LayerNorm and the kept state are unchanged. `matmul="auto"` (what a worker
+resolves when neither its settings nor its bundle choose) takes bfloat16 where the hardware
+runs it natively (CUDA, or a CPU with AVX512-BF16 or AMX) and float32 elsewhere, where bfloat16
+would be emulated and slower; it never takes int8.
 """
 
 from __future__ import annotations
@@ -152,15 +155,16 @@ class FastWeights:
     wqkv: list[tuple[torch.Tensor | PackedWeight | Int8Weight, torch.Tensor]]
     # The layers the fast mode computes with: copies of `w.layers` whose feed-forward matrices
     # and biases are in the matmul dtype (LayerNorm stays float32), the matrices packed for
-    # oneDNN where they can be; wqkv likewise. (Q, K, V go through wqkv, the output
+    # oneDNN where they can be, or int8 Int8Weights (each with its bias) for matmul "int8";
+    # wqkv likewise. (Q, K, V go through wqkv, the output
     # projection through the lookup tables: only the feed-forward pair is read here.)
     layers: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
 def fast_weights(model, matmul: str = "float32") -> FastWeights:
-    """float32 weights, codebooks and lookup tables of a VQModel, the linear layers in the
-    `matmul` dtype (cached on the model, per dtype)."""
+    """float32 weights, codebooks and lookup tables of a VQModel, the linear layers as
+    `matmul` asks (float32, bfloat16 or int8; cached on the model, per kind)."""
     cache = model.__dict__.setdefault("_fast_weights", {})
     if matmul not in cache:
         cache[matmul] = _with_matmul(_fast_weights32(model), matmul)

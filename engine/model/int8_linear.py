@@ -11,13 +11,14 @@ How: the weight is quantized once per output channel (symmetric, scale = max |w|
 packed with its bias for fbgemm (`torch.ops.quantized.linear_prepack`); each call quantizes
 its input rows with one scale and zero point for the whole input (their min and max) and
 returns float32 (`torch.ops.quantized.linear_dynamic`). That is what
-`torch.ao.quantization.quantize_dynamic` does to an `nn.Linear`, without its module
-machinery. Relative error of one product about 0.8 % (0.4 % from the weights alone); on a CPU
-without VNNI instructions the activations get 7 bits instead of 8 (`reduce_range`), about
-1.3 %: fbgemm's 8-bit products could saturate there.
+`torch.ao.quantization.quantize_dynamic` does to an `nn.Linear`, without its module machinery,
+except that quantize_dynamic always gives the rows 7 bits (`reduce_range`) and this gives them 8
+where the CPU has AVX512-VNNI (fbgemm's kernels for it cannot saturate). Relative error of one
+product about 0.8 % (0.4 % from the weights alone); with 7-bit rows about 1.3 %.
 
-Where fbgemm (or the x86 quantized engine) is missing, `int8_available()` is False and
-`quantize` is not to be called (engine.incremental.fast_mode falls back to float32).
+Where fbgemm (or the x86 quantized engine) is missing, `int8_available()` is False: the fast
+mode refuses matmul "int8" there with a ValueError (engine.incremental.fast_mode), and the
+benchmarks leave the int8 peer out. `quantize` takes CPU tensors only.
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ def int8_available() -> bool:
 
 @cache
 def _has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """x86 VNNI (AVX512-VNNI or AVX-VNNI): fbgemm's int8 products do not saturate there."""
+    """AVX512-VNNI, where fbgemm's int8 products do not saturate. (AVX-VNNI without AVX-512
+    does not count: fbgemm has no kernels for it and runs its AVX2 ones, which can.)"""
     try:
         with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_vnni", "avx_vnni"})
+                    return "avx512_vnni" in line.split(":", 1)[1].split()
     except OSError:
         pass
     return False
@@ -65,13 +67,16 @@ def _has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def quantize(w: torch.Tensor, b: torch.Tensor | None) -> Int8Weight:
     """w (out, in) and bias b (out,) as int8 per output channel, packed for fbgemm."""
-    w = w.detach().to(torch.float32).cpu().contiguous()
+    if w.device.type != "cpu":
+        raise ValueError(f"int8 weights are for the CPU (fbgemm), not {w.device}")
+    w = w.detach().to(torch.float32).contiguous()
     scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).to(torch.float64)
     zero = torch.zeros(w.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized tensors are deprecated API in torch 2.13
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*",
+                                category=UserWarning)
         qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        bias = None if b is None else b.detach().to(torch.float32).cpu().contiguous()
+        bias = None if b is None else b.detach().to(torch.float32).contiguous()
         packed = torch.ops.quantized.linear_prepack(qw, bias)
     return Int8Weight(packed, w.shape, reduce_range=not _has_vnni())
 

@@ -215,3 +215,35 @@ def test_context_move_from_dot_products_equals_the_direct_sum(model):
     direct = (torch.matmul(w, vals) - w_sum.unsqueeze(-1) * code_vec).norm(dim=-1)
     torch.testing.assert_close(_move_norm(fw, 2, w, w_sum, vals, codes), direct,
                                rtol=1e-3, atol=1e-4)
+
+
+def test_placeholder_rows_of_a_splice_never_reach_the_result(model, tokenizer, monkeypatch):
+    """FastSplice fills inserted rows with copies of old rows before `attend` writes them;
+    the chunk an update leaves is bit for bit the one zero placeholders give."""
+    from incstream.engine.incremental.fast_chunk import FastSplice
+
+    policy = ChunkPolicy(max_tokens=64)
+    edits = ([{"retain": 40}, {"insert": " quite"}],  # insertion
+             [{"retain": 12}, {"delete": 9}, {"insert": "a proposal"}],  # replacement
+             [{"retain": 3}, {"insert": " and a much longer aside, word after word, " * 3}])
+
+    def run(ops_list):
+        s = DocumentSession(model, tokenizer, TEXT, policy, mode=FastModeConfig())
+        for ops in ops_list:
+            s.apply_ops(ops)
+        return s
+
+    with_filler = run(edits)
+    zeros = FastSplice._splice_rows
+    monkeypatch.setattr(FastSplice, "_splice_rows", lambda self, t: torch.cat(
+        [t[: self.r0], t.new_zeros((self.m, *t.shape[1:])), t[self.r1 :]]))
+    with_zeros = run(edits)
+    monkeypatch.setattr(FastSplice, "_splice_rows", zeros)
+    assert len(with_filler.chunks) == len(with_zeros.chunks)
+    for a, b in zip(with_filler.chunks, with_zeros.chunks, strict=True):
+        assert torch.equal(a.out, b.out) and torch.equal(a.position_ids, b.position_ids)
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            for name in ("qkv", "lse", "slack", "codes"):
+                assert torch.equal(getattr(la, name), getattr(lb, name)), name
+    assert torch.equal(with_filler.logits(), with_zeros.logits())
+

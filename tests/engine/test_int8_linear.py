@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from incstream.engine.benchmarks.peers import ChunkCache, chunk_cache_variants
+from incstream.engine.incremental import fast_mode
 from incstream.engine.incremental.chunks import ChunkPolicy
-from incstream.engine.incremental.fast_mode import FastModeConfig, fast_weights
+from incstream.engine.incremental.fast_mode import FastModeConfig, fast_weights, resolve_mode
 from incstream.engine.incremental.session import DocumentSession
 from incstream.engine.model.int8_linear import Int8Weight, int8_available, quantize
 from incstream.engine.model.macs import MacCounter
@@ -19,6 +20,7 @@ from incstream.engine.model.minilm import (
     with_int8_matrices,
 )
 from incstream.engine.model.packed_linear import project
+from incstream.state.activation_record import mode_tag
 
 needs_int8 = pytest.mark.skipif(not int8_available(), reason="torch without fbgemm")
 
@@ -86,8 +88,22 @@ def test_int8_fast_mode_stays_close_to_float32_and_its_peer_to_the_dense_model(m
     assert float(torch.nn.functional.cosine_similarity(dense, quantized, 0)) > 0.98
 
 
-def test_the_int8_peer_runs_only_on_a_cpu_with_fbgemm():
+def test_the_int8_peer_and_dial_run_only_on_a_cpu_with_fbgemm(model, monkeypatch):
     assert all(v.matmul != "int8" for v in chunk_cache_variants(torch.device("cuda")))
-    on_cpu = {v.key for v in chunk_cache_variants("cpu")}
-    assert ("chunk_cache_int8" in on_cpu) == int8_available()
-    assert "chunk_cache" in on_cpu
+    assert "chunk_cache" in {v.key for v in chunk_cache_variants("cpu")}
+    with pytest.raises(ValueError, match="CPU"):
+        quantize(torch.zeros(4, 4, device="meta"), None)
+    # without fbgemm the dial value is refused with a clear error, never half-run
+    monkeypatch.setattr(fast_mode, "int8_available", lambda: False)
+    monkeypatch.setattr(model, "_fast_weights", {}, raising=False)
+    with pytest.raises(ValueError, match="int8 runs on the CPU with fbgemm"):
+        fast_weights(model, "int8")
+
+
+def test_int8_is_chosen_only_when_asked_and_its_records_are_its_own():
+    assert resolve_mode(None, mode="fast", matmul="int8").matmul == "int8"
+    assert resolve_mode(None, mode="fast").matmul != "int8"  # auto never picks it
+    assert resolve_mode(None, mode="fast", matmul="auto").matmul != "int8"
+    # a worker's durable chunk records are tagged by matmul: an int8 worker rebuilds a
+    # float32 worker's records instead of reading them as its own
+    assert mode_tag("fast", "int8") != mode_tag("fast", "float32")
