@@ -38,6 +38,11 @@ def dense_cache_dir() -> Path:
     return data_home() / "cache" / "dense"
 
 
+def kernels_dir() -> Path:
+    """Compiled CPU kernels (engine.incremental.held_attention), one file per source and CPU."""
+    return data_home() / "cache" / "kernels"
+
+
 def checkpoints_dir() -> Path:
     """Training checkpoints, one directory per bundle being trained."""
     return data_home() / "checkpoints"

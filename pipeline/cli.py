@@ -72,6 +72,10 @@ def cli() -> None:
               help="fast mode: how the linear layers multiply (int8: int8 weights and rows, "
                    "CPU only); auto (default): bfloat16 where the CPU runs it natively, else "
                    "float32 [INCSTREAM_FAST_MATMUL]")
+@click.option("--kernel", "fast_kernel", type=click.Choice(["auto", "fused", "torch"]),
+              help="fast mode: held attention as the compiled CPU kernel (fused) or in "
+                   "PyTorch; auto (default): fused where a C compiler builds it "
+                   "[INCSTREAM_FAST_KERNEL]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["text", "json"]),
               help="text (default) or json: one JSON object a line [INCSTREAM_LOG_FORMAT]")

@@ -40,6 +40,10 @@ def bench() -> None:
                    "dynamically quantized rows, CPU only; default: the bundle's "
                    "dial, else auto, as a worker resolves it: bfloat16 on a CPU with "
                    "AVX512-BF16/AMX or CUDA, else float32).")
+@click.option("--kernel", type=click.Choice(["auto", "fused", "torch"]), default=None,
+              help="Fast mode: held attention as the compiled CPU kernel (fused) or in "
+                   "PyTorch (default: the bundle's dial, else auto: fused where a C compiler "
+                   "builds it).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (1 = the comparison the README reports).")
 @click.option("--full-dense-every", type=int, default=1, show_default=True,
@@ -57,8 +61,8 @@ def bench() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar or table.")
 def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | None,
                context_tolerance: float | None, refresh_edits: int | None,
-               refresh_displacement: int | None, matmul: str | None, threads: int,
-               full_dense_every: int,
+               refresh_displacement: int | None, matmul: str | None, kernel: str | None,
+               threads: int, full_dense_every: int,
                model: str,
                device: str, chunk_tokens: int, codebooks: str | None,
                json_out: Path, quiet: bool) -> None:
@@ -74,7 +78,8 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     # matmul "auto" included), so that the bench measures what a service runs.
     fast = resolve_mode(None if codebooks else _bundle_engine(model), mode="fast", tau=tau,
                         context_tolerance=context_tolerance, refresh_edits=refresh_edits,
-                        refresh_displacement=refresh_displacement, matmul=matmul)
+                        refresh_displacement=refresh_displacement, matmul=matmul,
+                        kernel=kernel)
     result = run_bench(stream, docs=docs, events=events, model_bundle=model, device=device,
                        chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet,
                        mode=mode, fast=fast, full_dense_every=full_dense_every)

@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     # bfloat16 where the hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX), else
     # float32
     fast_matmul: str | None = None
+    # "auto" (the compiled CPU kernel for the fast mode's held attention where a C compiler
+    # builds it, engine/incremental/held_attention.py), "fused" (that, or an error), "torch"
+    # (the PyTorch reference); unset: the bundle's, else auto
+    fast_kernel: str | None = None
 
     def engine(self, bundle_engine: dict | None = None):
         """The engine mode to run: "exact" or an engine.incremental.fast_mode.FastModeConfig."""
@@ -137,7 +141,7 @@ class Settings(BaseSettings):
                             context_tolerance=self.fast_context_tolerance,
                             refresh_edits=self.fast_refresh_edits,
                             refresh_displacement=self.fast_refresh_displacement,
-                            matmul=self.fast_matmul)
+                            matmul=self.fast_matmul, kernel=self.fast_kernel)
 
     @property
     def model_enabled(self) -> bool:

@@ -36,6 +36,7 @@ from incstream.engine.benchmarks.alone_timing import time_alone
 from incstream.engine.benchmarks.peers import FreshReference, chunk_cache_variants, full_dense
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.edit_tokenizer import tokenize
+from incstream.engine.incremental.fast_chunk import use_fused_kernel
 from incstream.engine.incremental.fast_mode import FastModeConfig
 from incstream.engine.incremental.session import DocumentSession
 from incstream.engine.incremental.text_ops import sha1_hex
@@ -263,6 +264,10 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
                          "cut_every": policy.cut_spacing},
         "engine_dtype": ("float64" if mode == "exact" else
                          f"{engine_mode.matmul} matmuls, float32 attention, float16 state"),
+        # how the fast mode's held attention ran: the compiled CPU kernel or PyTorch
+        "held_attention": (None if mode == "exact" else
+                           "fused" if use_fused_kernel(engine_mode, model.device,
+                                                       model.w.config.head_dim) else "torch"),
         "original_dtype": str(model.original.dtype),
         "stream": str(stream),
         "docs": len(documents),

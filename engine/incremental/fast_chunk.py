@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from incstream.engine.incremental import held_attention
 from incstream.engine.incremental.chunk_record import ChunkRecord
 from incstream.engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
 from incstream.engine.model.macs import MacCounter
@@ -359,6 +360,7 @@ class FastSplice:
         self.s_idx = torch.arange(r0, r0 + m + pushed, device=dev)  # rows whose input changed
         self.x_s = embed(fw.w, self.ids[self.s_idx], self.pos[self.s_idx])
         self.identity = m == r1 - r0  # same row count: old row i is new row i
+        self.fused = use_fused_kernel(cfg, dev, fw.w.config.head_dim)
         self.report = FastUpdate()
         self.layers: list[FastLayer] = []
         self.left = self.deleted
@@ -397,16 +399,49 @@ class FastSplice:
     def attend(self, layer: int, qkv_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 2-3 with the changed rows' Q/K/V (|S|, 3, H, d): returns (inputs, codes) of
         the rows that need the rest of the block (S, and rows whose code flipped)."""
-        fw, cfg, macs, report = self.fw, self.cfg, self.macs, self.report
+        fw, macs, report, s_idx = self.fw, self.macs, self.report, self.s_idx
         old = self.chunk.layers[layer]
+        heads, d = fw.w.config.heads, fw.w.config.head_dim
+        # The keys and values that came in (the changed rows' new ones) and left (the old ones
+        # of the changed and deleted rows).
+        kv = torch.cat([qkv_s[:, 1:], old.qkv[self.left, 1:].to(F32)])  # (J, 2, H, d)
+        j, k_codes = len(kv), fw.codebooks.codes[layer].shape[1]
+        if self.fused:
+            u_idx, flipped = self._held_attention_fused(layer, qkv_s, kv)
+        else:
+            u_idx, flipped = self._held_attention(layer, qkv_s, kv)
+        u = len(u_idx)
+        macs.add("attn_scores", (self.n - len(s_idx)) * j * heads * d)
+        # the drift's dot products (_move_norm): values x values, values x codes, rows x J^2
+        macs.add("attn_values", heads * (j * j * d + k_codes * j * d + self.n * j * j))
+        macs.add("attn_scores", u * self.n * heads * d)
+        macs.add("attn_values", u * self.n * heads * d)
+        macs.add("codebook_search", u * heads * k_codes * d)
+        report.searched += u * heads
+        report.full_rows += u
+        report.code_flips += int(flipped.sum())
+        self.layers.append(FastLayer(self.qkv, self.lse, self.slack, self.codes.to(torch.uint8)))
+        # 4. The rest of the block runs for S and the rows whose code changed.
+        f_idx = u_idx[len(s_idx):][flipped[len(s_idx):]]
+        x_in = self.x_s
+        if len(f_idx):
+            x_f = _row_inputs(fw, self.layers, self.ids, self.pos, f_idx, layer, macs)
+            self.s_idx, x_in = torch.cat([s_idx, f_idx]), torch.cat([x_in, x_f])
+        return x_in, self.codes[self.s_idx]
+
+    def _held_attention(self, layer: int, qkv_s: torch.Tensor,
+                        kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-3 in PyTorch (the reference; held_attention.c is the same in one call).
+        Updates qkv, lse, slack and codes; returns (u_idx, flipped): the rows whose context
+        was recomputed (S first) and whether a held code of theirs was replaced."""
+        fw, cfg = self.fw, self.cfg
         qkv, lse, codes, s_idx = self.qkv, self.lse, self.codes, self.s_idx
         q_s = qkv_s[:, 0]
-        heads, d = fw.w.config.heads, fw.w.config.head_dim
+        d = fw.w.config.head_dim
         # 2. How far the keys that left and came in moved every other row's context: weights
         #    against the row's stored normaliser, values' offsets from the row's code vector.
         #    Computed for all n rows, head-major (H, n, J): cheaper than gathering the others;
         #    the rows of S get their context recomputed below anyway.
-        kv = torch.cat([qkv_s[:, 1:], old.qkv[self.left, 1:].to(F32)])  # (J, 2, H, d)
         keys, vals = kv[:, 0], kv[:, 1]  # (J, H, d) each
         w = torch.matmul(qkv[:, 0].to(F32).transpose(0, 1), keys.permute(1, 2, 0)).mul_(
             1.0 / math.sqrt(d))
@@ -415,11 +450,6 @@ class FastSplice:
         w_sum = w.sum(-1)  # (H, n)
         move = _move_norm(fw, layer, w, w_sum, vals.transpose(0, 1), codes.clamp_min(0).t())
         drift = move.div_((1.0 + w_sum).clamp_min_(1e-6))  # (H, n)
-        t_rows = self.n - len(s_idx)
-        j, k_codes = len(keys), fw.codebooks.codes[layer].shape[1]
-        macs.add("attn_scores", t_rows * j * heads * d)
-        # the drift's dot products (_move_norm): values x values, values x codes, rows x J^2
-        macs.add("attn_values", heads * (j * j * d + k_codes * j * d + self.n * j * j))
         slack_f = self.slack.to(F32).sub_(drift.t())
         slack = slack_f.to(STORE)
         # 3. Recompute whole contexts of S and of rows whose slack ran out; re-quantize them.
@@ -429,24 +459,31 @@ class FastSplice:
         qkv[s_idx] = qkv_s.to(STORE)
         q_u = torch.cat([q_s, qkv[u_idx[len(s_idx):], 0].to(F32)])
         kv_all = qkv[:, 1:].to(F32)  # (n, 2, H, d)
-        lse_u, ctx_u = _attend(q_u, kv_all[:, 0], kv_all[:, 1], macs)
+        lse_u, ctx_u = _attend(q_u, kv_all[:, 0], kv_all[:, 1], MacCounter())
         lse[u_idx] = lse_u
         p_old = codes[u_idx]
-        new_codes, new_slack = _requantize(fw, cfg, layer, ctx_u, p_old, macs)
-        report.searched += len(u_idx) * heads
-        report.full_rows += len(u_idx)
+        new_codes, new_slack = _requantize(fw, cfg, layer, ctx_u, p_old, MacCounter())
         flipped = ((new_codes != p_old) & (p_old >= 0)).any(-1)
-        report.code_flips += int(flipped.sum())
         codes[u_idx] = new_codes
         slack[u_idx] = new_slack.to(STORE)
-        self.layers.append(FastLayer(qkv, lse, slack, codes.to(torch.uint8)))
-        # 4. The rest of the block runs for S and the rows whose code changed.
-        f_idx = u_idx[len(s_idx):][flipped[len(s_idx):]]
-        x_in = self.x_s
-        if len(f_idx):
-            x_f = _row_inputs(fw, self.layers, self.ids, self.pos, f_idx, layer, macs)
-            self.s_idx, x_in = torch.cat([s_idx, f_idx]), torch.cat([x_in, x_f])
-        return x_in, codes[self.s_idx]
+        self.slack = slack
+        return u_idx, flipped
+
+    def _held_attention_fused(self, layer: int, qkv_s: torch.Tensor,
+                              kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-3 in one call of the compiled CPU kernel (engine.incremental.held_attention),
+        same contract as _held_attention."""
+        fw, cfg = self.fw, self.cfg
+        self.qkv[self.s_idx] = qkv_s.to(STORE)
+        # (a canonical build keeps lse, slack and codes as transposed views; the kernel reads
+        # rows)
+        self.lse, self.slack, self.codes = (t.contiguous()
+                                            for t in (self.lse, self.slack, self.codes))
+        unit = float(fw.gap_median[layer])
+        return held_attention.held_attention(
+            self.qkv, qkv_s, kv, self.lse, self.slack, self.codes, self.s_idx,
+            fw.codebooks.codes[layer], fw.codebooks.sqnorm[layer], fw.code_gap[layer],
+            tau=cfg.tau * unit, min_slack=cfg.context_tolerance * unit)
 
     def end_layer(self, x_out: torch.Tensor) -> None:
         self.x_s = x_out
@@ -459,6 +496,21 @@ class FastSplice:
         new = FastChunk(self.ids, self.pos, self.layers, out, _pooled(out),
                         edits=chunk.edits + 1)
         return new, self.report
+
+
+def use_fused_kernel(cfg: FastModeConfig, device: torch.device, head_dim: int) -> bool:
+    """Whether held attention runs as the compiled CPU kernel: dial `kernel` "fused" (an error
+    where it cannot), "torch" (never), "auto" (on the CPU, for the head width the kernel is
+    compiled for, when it compiles)."""
+    if cfg.kernel == "torch":
+        return False
+    ok = (device.type == "cpu" and head_dim == held_attention.HEAD_DIM
+          and held_attention.available())
+    if cfg.kernel == "fused" and not ok:
+        raise RuntimeError(f"kernel 'fused' runs on the CPU, for heads of width "
+                           f"{held_attention.HEAD_DIM}, with a working C compiler (cc or $CC); "
+                           f"use kernel 'torch' or 'auto' here")
+    return ok
 
 
 def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:

@@ -55,6 +55,9 @@ MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # "int8": int8 weights and dynamically quantized int8 rows (engine.model.int8_linear)
 MATMUL_KINDS = (*MATMUL_DTYPES, "int8")
 MATMUL_CHOICES = (*MATMUL_KINDS, "auto")
+# How held attention (fast_chunk.FastSplice) runs: the compiled CPU kernel
+# (engine.incremental.held_attention), its PyTorch reference, or the kernel where it can.
+KERNELS = ("auto", "fused", "torch")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class FastModeConfig:
     refresh_displacement: int = 16
     shift_limit: int = 2
     matmul: str = "float32"  # or "bfloat16" / "int8": how the linear layers multiply
+    kernel: str = "auto"  # held attention: "fused" C kernel, "torch", or "auto" (fused on CPU)
 
     def __post_init__(self) -> None:
         if self.tau < 0 or self.context_tolerance < 0:
@@ -72,6 +76,8 @@ class FastModeConfig:
         if self.matmul not in MATMUL_KINDS:
             raise ValueError(f"matmul must be one of {', '.join(MATMUL_KINDS)}, "
                              f"not {self.matmul!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
         if self.refresh_edits < 0 or self.refresh_displacement < 0 or self.shift_limit < 0:
             raise ValueError("refresh budgets and shift_limit must be >= 0")
 
@@ -79,7 +85,7 @@ class FastModeConfig:
         return {"tau": self.tau, "context_tolerance": self.context_tolerance,
                 "refresh_edits": self.refresh_edits,
                 "refresh_displacement": self.refresh_displacement,
-                "shift_limit": self.shift_limit, "matmul": self.matmul}
+                "shift_limit": self.shift_limit, "matmul": self.matmul, "kernel": self.kernel}
 
 
 def resolve_mode(bundle_engine: dict | None = None, mode: str | None = None,

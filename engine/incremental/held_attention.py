@@ -1,0 +1,138 @@
+"""The fused CPU version of a fast-mode layer's held attention (steps 2-3 of
+engine.incremental.fast_chunk), compiled from held_attention.c at first use.
+
+Why: on a CPU an update of a few rows spends most of its time in the dispatch of ~90 small
+tensor operations a layer, not in arithmetic. held_attention.c does the same arithmetic in one
+call. It is built with the system C compiler (`cc`, or $CC) into the cache directory
+(incstream.paths.kernels_dir), once per source and compiler, and loaded with ctypes; where no
+compiler works (or on CUDA) `available()` is False and the fast mode runs its PyTorch version,
+which stays the reference (tests/engine/test_held_attention.py compares the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from incstream.paths import kernels_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("held_attention.c")
+HEAD_DIM = 32  # the head width the source is compiled for (its D; MiniLM's 384 / 12 heads)
+# -march=native: the loops vectorize for this CPU (F16C conversions, AVX-512 where present).
+# Reassociation lets the dot products vectorize; no -ffast-math, whose startup code would
+# switch the whole process to flush-to-zero.
+FLAGS = [f"-DD={HEAD_DIM}", "-O3", "-march=native", "-fno-math-errno", "-fassociative-math",
+         "-fno-signed-zeros", "-fno-trapping-math", "-shared", "-fPIC"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def library_path() -> Path:
+    """Where the compiled kernel lives: keyed by the source, the flags, the compiler and the
+    machine, so that an edited source or another CPU gets its own build."""
+    cc = _compiler() or "none"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()
+                         + platform.machine().encode() + _cpu_model().encode()).hexdigest()[:16]
+    return kernels_dir() / f"held_attention-{key}.so"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(target: Path) -> None:
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler (cc or $CC) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: two processes building at once never load half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(out, target)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    try:
+        target = library_path()
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("fused held attention unavailable (%s %s); the fast mode runs its PyTorch "
+                    "version", e, detail.decode(errors="replace")[:500])
+        return None
+    fn = lib.held_attention
+    fn.restype = ctypes.c_int64
+    fn.argtypes = ([ctypes.c_int64] * 6 + [ctypes.c_void_p] * 10
+                   + [ctypes.c_float] * 3 + [ctypes.c_void_p] * 2)
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run here (builds it the first time)."""
+    return _load() is not None
+
+
+def held_attention(qkv: torch.Tensor, qkv_s: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor,
+                   slack: torch.Tensor, codes: torch.Tensor, s_idx: torch.Tensor,
+                   cb: torch.Tensor, sqnorm: torch.Tensor, gap: torch.Tensor, tau: float,
+                   min_slack: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's steps 2-3 in place on lse (n, H) float32, slack (n, H) float16 and codes
+    (n, H) int64 (shapes and meaning in held_attention.c). Returns (u_idx, flipped): the rows
+    whose context was recomputed (S first, then rows whose slack ran out, ascending) and, per
+    such row, whether a held code was replaced."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the fused held attention is not available (see available())")
+    n, _, heads, d = qkv.shape
+    k = cb.shape[1]
+    for t, dtype in ((qkv, torch.float16), (slack, torch.float16), (lse, torch.float32),
+                     (codes, torch.int64)):
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"expected a contiguous CPU {dtype} tensor, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    qkv_s = qkv_s.to(torch.float32).contiguous()
+    kv = kv.to(torch.float32).contiguous()
+    s_idx = s_idx.to(torch.int64).contiguous()
+    cb, sqnorm, gap = (t.to(torch.float32).contiguous() for t in (cb, sqnorm, gap))
+    u_idx = torch.empty(n, dtype=torch.int64)
+    flipped = torch.empty(n, dtype=torch.uint8)
+    u = lib.held_attention(
+        n, heads, d, k, len(s_idx), len(kv),
+        qkv.data_ptr(), qkv_s.data_ptr(), kv.data_ptr(), lse.data_ptr(), slack.data_ptr(),
+        codes.data_ptr(), s_idx.data_ptr(), cb.data_ptr(), sqnorm.data_ptr(),
+        gap.data_ptr(), tau, min_slack, 1.0 / d ** 0.5, u_idx.data_ptr(), flipped.data_ptr())
+    if u < 0:
+        raise MemoryError("held_attention: out of memory")
+    return u_idx[:u], flipped[:u].bool()
