@@ -48,9 +48,21 @@ def test_only_the_incstream_namespace_is_installed() -> None:
     assert set(SETUPTOOLS["package-dir"]) <= set(SETUPTOOLS["packages"])
 
 
+def _package_folder(package: str) -> str:
+    """The folder setuptools takes a package from: the longest package-dir entry that is the
+    package or a parent of it, and the rest of the dotted name below that."""
+    dirs = SETUPTOOLS["package-dir"]
+    parts = package.split(".")
+    for i in range(len(parts), 0, -1):
+        head = ".".join(parts[:i])
+        if head in dirs:
+            return "/".join([dirs[head], *parts[i:]])
+    return package.replace(".", "/")
+
+
 def test_package_data_exists() -> None:
     """The data globs match files (a renamed folder would ship a model-less wheel)."""
     for package, globs in SETUPTOOLS["package-data"].items():
-        folder = ROOT / SETUPTOOLS["package-dir"].get(package, package.replace(".", "/"))
+        folder = ROOT / _package_folder(package)
         for glob in globs:
             assert any(p.is_file() for p in folder.glob(glob)), f"{package}: {glob} matches nothing"
