@@ -26,11 +26,13 @@ what an update needs. A fifth knob, `matmul`, says how the per-row linear layers
 feed-forward) multiply: float32; bfloat16 with float32 accumulation (2-4x faster on CPUs with
 AVX512-BF16 or AMX, at a small measured cost in divergence); or int8 (CPU only: int8 weights
 and dynamically quantized rows, engine.model.int8_linear; a quarter of the weight bytes, for
-CPUs whose caches cannot hold the float32 weights, at about twice the divergence). Attention,
-codebook search, LayerNorm and the kept state are unchanged. `matmul="auto"` (what a worker
-resolves when neither its settings nor its bundle choose) takes bfloat16 where the hardware
-runs it natively (CUDA, or a CPU with AVX512-BF16 or AMX) and float32 elsewhere, where bfloat16
-would be emulated and slower; it never takes int8.
+CPUs whose caches cannot hold the float32 weights, at about twice the divergence); or float16
+(CPU only: float16 copies of the weights for products of a few rows, read by a compiled kernel,
+engine.model.half_linear; rows and arithmetic stay float32, so it answers like float32 while
+reading half the bytes). Attention, codebook search, LayerNorm and the kept state are
+unchanged. `matmul="auto"` (what a worker resolves when neither its settings nor its bundle
+choose) takes bfloat16 where the hardware runs it natively (CUDA, or a CPU with AVX512-BF16 or
+AMX), else float16 where its kernel compiles, else float32; it never takes int8.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ from dataclasses import dataclass, field
 import torch
 
 from incstream.engine.model.codebooks import Codebooks
+from incstream.engine.model.half_linear import HalfWeight, half_available, half_weight
 from incstream.engine.model.int8_linear import Int8Weight, int8_available, quantize
 from incstream.engine.model.minilm import (
     MiniLMWeights,
     cast_weights,
+    with_half_matrices,
     with_int8_matrices,
     with_matmul_dtype,
     with_packed_matrices,
@@ -52,8 +56,9 @@ from incstream.engine.model.packed_linear import PackedWeight, pack
 
 MAX_POSITIONS = 512
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# "int8": int8 weights and dynamically quantized int8 rows (engine.model.int8_linear)
-MATMUL_KINDS = (*MATMUL_DTYPES, "int8")
+# "int8": int8 weights and dynamically quantized int8 rows (engine.model.int8_linear);
+# "float16": float16 weights, float32 rows and arithmetic (engine.model.half_linear)
+MATMUL_KINDS = (*MATMUL_DTYPES, "float16", "int8")
 MATMUL_CHOICES = (*MATMUL_KINDS, "auto")
 # How held attention (fast_chunk.FastSplice) runs: the compiled CPU kernel
 # (engine.incremental.held_attention), its PyTorch reference, or the kernel where it can.
@@ -119,13 +124,17 @@ def bundle_dial(bundle_engine: dict | None = None,
 
 
 def resolve_matmul(choice: str, device: str = "cpu") -> str:
-    """A matmul dtype name: `choice` itself, or for "auto" bfloat16 where it runs natively on
-    `device` (CUDA; a CPU with AVX512-BF16 or AMX), else float32."""
+    """A matmul kind: `choice` itself, or for "auto" bfloat16 where it runs natively on
+    `device` (CUDA; a CPU with AVX512-BF16 or AMX), else on a CPU float16 weights where their
+    kernel compiles (engine.model.half_linear: float32 arithmetic, half the bytes to read),
+    else float32."""
     if choice != "auto":
         return choice
     if device.startswith("cuda"):
         return "bfloat16"
-    return "bfloat16" if native_bfloat16_cpu() else "float32"
+    if native_bfloat16_cpu():
+        return "bfloat16"
+    return "float16" if half_available() else "float32"
 
 
 def native_bfloat16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -158,7 +167,7 @@ class FastWeights:
     code_gap: torch.Tensor  # (layers, H, K) distance from each code to its nearest other code
     gap_median: torch.Tensor  # (layers,) median of code_gap per layer: tau's unit
     # per layer Q, K, V stacked: (3C, C), (3C,); the matrix packed for oneDNN where it can be
-    wqkv: list[tuple[torch.Tensor | PackedWeight | Int8Weight, torch.Tensor]]
+    wqkv: list[tuple[torch.Tensor | PackedWeight | Int8Weight | HalfWeight, torch.Tensor]]
     # The layers the fast mode computes with: copies of `w.layers` whose feed-forward matrices
     # and biases are in the matmul dtype (LayerNorm stays float32), the matrices packed for
     # oneDNN where they can be, or int8 Int8Weights (each with its bias) for matmul "int8";
@@ -180,6 +189,13 @@ def fast_weights(model, matmul: str = "float32") -> FastWeights:
 def _with_matmul(fw: FastWeights, matmul: str) -> FastWeights:
     from dataclasses import replace
 
+    if matmul == "float16":  # (engine.model.half_linear: float16 copies for few rows)
+        if fw.w.device.type != "cpu" or not half_available():
+            raise ValueError("matmul float16 runs on the CPU with a working C compiler (cc or "
+                             "$CC); use float32 or bfloat16 here")
+        wqkv = [(half_weight(w), b) for w, b in fw.wqkv]
+        layers = with_half_matrices(fw.w, ("w_up", "w_down")).layers
+        return replace(fw, layers=layers, wqkv=wqkv)
     if matmul == "int8":  # (engine.model.int8_linear: each matrix with its bias)
         if fw.w.device.type != "cpu" or not int8_available():
             raise ValueError("matmul int8 runs on the CPU with fbgemm only; use float32 or "

@@ -1,107 +1,44 @@
 """The fused CPU version of a fast-mode layer's held attention (steps 2-3 of
-engine.incremental.fast_chunk), compiled from held_attention.c at first use.
+engine.incremental.fast_chunk), compiled from held_attention.c at first use (engine.c_kernels).
 
 Why: on a CPU an update of a few rows spends most of its time in the dispatch of ~90 small
 tensor operations a layer, not in arithmetic. held_attention.c does the same arithmetic in one
-call. It is built with the system C compiler (`cc`, or $CC) into the cache directory
-(incstream.paths.kernels_dir), once per source and compiler, and loaded with ctypes; where no
-compiler works (or on CUDA) `available()` is False and the fast mode runs its PyTorch version,
-which stays the reference (tests/engine/test_held_attention.py compares the two).
+call. Where no compiler works (or on CUDA) `available()` is False and the fast mode runs its
+PyTorch version, which stays the reference (tests/engine/test_held_attention.py compares the
+two, layer by layer).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from incstream.paths import kernels_dir
-
-log = logging.getLogger(__name__)
+from incstream.engine import c_kernels
 
 SOURCE = Path(__file__).with_name("held_attention.c")
 HEAD_DIM = 32  # the head width the source is compiled for (its D; MiniLM's 384 / 12 heads)
-# -march=native: the loops vectorize for this CPU (F16C conversions, AVX-512 where present).
-# Reassociation lets the dot products vectorize; no -ffast-math, whose startup code would
-# switch the whole process to flush-to-zero.
-FLAGS = [f"-DD={HEAD_DIM}", "-O3", "-march=native", "-fno-math-errno", "-fassociative-math",
-         "-fno-signed-zeros", "-fno-trapping-math", "-shared", "-fPIC"]
-
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc"))
-
-
-def library_path() -> Path:
-    """Where the compiled kernel lives: keyed by the source, the flags, the compiler and the
-    machine, so that an edited source or another CPU gets its own build."""
-    cc = _compiler() or "none"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()
-                         + platform.machine().encode() + _cpu_model().encode()).hexdigest()[:16]
-    return kernels_dir() / f"held_attention-{key}.so"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(target: Path) -> None:
-    cc = _compiler()
-    if cc is None:
-        raise OSError("no C compiler (cc or $CC) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: two processes building at once never load half a file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"], check=True,
-                       capture_output=True, timeout=120)
-        os.replace(out, target)
+DEFINES = (f"-DD={HEAD_DIM}",)
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    try:
-        target = library_path()
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        log.warning("fused held attention unavailable (%s %s); the fast mode runs its PyTorch "
-                    "version", e, detail.decode(errors="replace")[:500])
-        return None
-    fn = lib.held_attention
-    fn.restype = ctypes.c_int64
-    fn.argtypes = ([ctypes.c_int64] * 6 + [ctypes.c_void_p] * 10
-                   + [ctypes.c_float] * 3 + [ctypes.c_void_p] * 2)
-    _lib = lib
+    lib = c_kernels.load(SOURCE, DEFINES)
+    if lib is not None and lib.held_attention.argtypes is None:
+        fn = lib.held_attention
+        fn.restype = ctypes.c_int64
+        fn.argtypes = ([ctypes.c_int64] * 6 + [ctypes.c_void_p] * 10
+                       + [ctypes.c_float] * 3 + [ctypes.c_void_p] * 2)
     return lib
 
 
 def available() -> bool:
     """Whether the compiled kernel can run here (builds it the first time)."""
     return _load() is not None
+
+
+def library_path() -> Path:
+    return c_kernels.library_path(SOURCE, DEFINES)
 
 
 def held_attention(qkv: torch.Tensor, qkv_s: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor,

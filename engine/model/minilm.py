@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from incstream.engine.model.half_linear import half_weight
 from incstream.engine.model.int8_linear import quantize
 from incstream.engine.model.macs import MacCounter
 from incstream.engine.model.packed_linear import TYPICAL_ROWS, pack, project
@@ -57,8 +58,9 @@ class MiniLMConfig:
 @dataclass
 class LayerWeights:
     """One transformer block. Linear weights are stored (out, in) like nn.Linear; in a model
-    made by `with_packed_matrices` or `with_int8_matrices` some are PackedWeight or Int8Weight
-    (engine.model.packed_linear, int8_linear), which only `linear` reads."""
+    made by `with_packed_matrices`, `with_int8_matrices` or `with_half_matrices` some are
+    PackedWeight, Int8Weight or HalfWeight (engine.model.packed_linear, int8_linear,
+    half_linear), which only `linear` reads."""
 
     wq: torch.Tensor
     bq: torch.Tensor
@@ -162,6 +164,16 @@ def with_packed_matrices(w: MiniLMWeights, fields: tuple[str, ...] = PACKED_FIEL
     product on the CPU, same values); `linear` multiplies with them. Only for models that are
     run, never read as matrices (cast first, then pack)."""
     layers = [replace(lw, **{name: pack(getattr(lw, name), rows) for name in fields})
+              for lw in w.layers]
+    return replace(w, layers=layers)
+
+
+def with_half_matrices(w: MiniLMWeights,
+                       fields: tuple[str, ...] = PACKED_FIELDS) -> MiniLMWeights:
+    """The same model with these matrices of its linear layers as HalfWeights (float16 copies
+    for products of a few rows, engine.model.half_linear; float32 arithmetic). Only for
+    models that are run, never read as matrices."""
+    layers = [replace(lw, **{name: half_weight(getattr(lw, name)) for name in fields})
               for lw in w.layers]
     return replace(w, layers=layers)
 

@@ -27,6 +27,7 @@ from functools import cache
 
 import torch
 
+from incstream.engine.model.half_linear import HalfWeight, project_half
 from incstream.engine.model.int8_linear import Int8Weight, project_int8
 
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -71,12 +72,15 @@ def pack(w: torch.Tensor, rows: int = TYPICAL_ROWS) -> torch.Tensor | PackedWeig
     return PackedWeight(blocked, w.shape, w.dtype)
 
 
-def project(x: torch.Tensor, w: torch.Tensor | PackedWeight | Int8Weight,
+def project(x: torch.Tensor, w: torch.Tensor | PackedWeight | Int8Weight | HalfWeight,
             b: torch.Tensor | None) -> torch.Tensor:
     """x (n, in) @ w.T + b in w's dtype (x is cast to it; the result stays in w's dtype).
-    An Int8Weight (engine.model.int8_linear) carries its own bias and returns float32."""
+    An Int8Weight (engine.model.int8_linear) carries its own bias and returns float32; a
+    HalfWeight (engine.model.half_linear) returns float32."""
     if isinstance(w, Int8Weight):
         return project_int8(x, w)
+    if isinstance(w, HalfWeight):
+        return project_half(x, w, b)
     if isinstance(w, PackedWeight):
         if x.shape[0] == 0:  # (oneDNN wants at least one row)
             return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=w.dtype)

@@ -12,6 +12,8 @@ import pytest
 import torch
 from engine_streams import stream_docs
 
+from incstream.engine import c_kernels
+from incstream.engine.incremental import fast_mode
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.fast_chunk import _move_norm, stable_positions
 from incstream.engine.incremental.fast_mode import (
@@ -23,6 +25,7 @@ from incstream.engine.incremental.fast_mode import (
     resolve_mode,
 )
 from incstream.engine.incremental.session import DocumentSession
+from incstream.engine.model.half_linear import half_available
 from incstream.engine.model.macs import dense_chunk_macs
 
 TEXT = ("Abstract\n========\n\nThis PEP proposes a backwards compatible mechanism that allows "
@@ -125,8 +128,9 @@ def test_mode_resolution():
     assert resolve_mode({"mode": "fast", "fast": {"tau": 0.7}}, tau=1.5).tau == 1.5
     assert resolve_mode({"mode": "fast"}, mode="exact") == "exact"
     assert isinstance(resolve_mode(None, mode="fast"), FastModeConfig)
-    # the worker's matmul dtype: the setting, else the bundle's, else what the CPU runs natively
-    native = "bfloat16" if native_bfloat16_cpu() else "float32"
+    # the worker's matmul dtype: the setting, else the bundle's, else what the CPU runs best
+    native = ("bfloat16" if native_bfloat16_cpu() else
+              "float16" if half_available() else "float32")
     assert resolve_mode(None, mode="fast").matmul == native
     assert resolve_mode({"mode": "fast", "fast": {"matmul": "float32"}}).matmul == "float32"
     assert resolve_mode({"mode": "fast", "fast": {"matmul": "float32"}},
@@ -150,6 +154,20 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
     assert not native_bfloat16_cpu(str(tmp_path / "missing"))
     assert resolve_matmul("auto", "cuda:0") == "bfloat16"
     assert resolve_matmul("float32", "cuda") == "float32"
+
+
+def test_auto_takes_float16_weights_on_a_cpu_without_bfloat16_only_where_they_compile(
+        model, monkeypatch, tmp_path):
+    monkeypatch.setattr(fast_mode, "native_bfloat16_cpu", lambda: False)
+    monkeypatch.setattr(c_kernels, "_loaded", {})
+    if c_kernels.compiler() is not None:  # (CI has one)
+        assert resolve_matmul("auto") == "float16"
+    monkeypatch.setattr(c_kernels, "_loaded", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("INCSTREAM_HOME", str(tmp_path))
+    assert resolve_matmul("auto") == "float32"
+    with pytest.raises(ValueError, match="float16 runs on the CPU with a working C compiler"):
+        fast_mode._with_matmul(fast_mode._fast_weights32(model), "float16")
 
 
 def test_bfloat16_matmuls_stay_close_to_float32_and_update_like_a_build(model, tokenizer):

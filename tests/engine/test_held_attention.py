@@ -10,6 +10,7 @@ import pytest
 import torch
 from engine_streams import stream_docs
 
+from incstream.engine import c_kernels
 from incstream.engine.incremental import held_attention
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.fast_chunk import FastSplice, use_fused_kernel
@@ -84,8 +85,7 @@ def test_without_a_compiler_auto_runs_the_reference_and_fused_is_refused(monkeyp
                                                                          tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("INCSTREAM_HOME", str(tmp_path))  # no cached build to find
-    monkeypatch.setattr(held_attention, "_lib", None)
-    monkeypatch.setattr(held_attention, "_tried", False)
+    monkeypatch.setattr(c_kernels, "_loaded", {})
     assert not held_attention.available()
     cpu = torch.device("cpu")
     assert not use_fused_kernel(replace(DIAL, kernel="auto"), cpu, 32)
@@ -107,6 +107,6 @@ def test_the_kernel_is_used_on_the_cpu_for_its_head_width_only():
 def test_a_rebuilt_source_gets_its_own_library(monkeypatch, tmp_path):
     monkeypatch.setenv("INCSTREAM_HOME", str(tmp_path))
     first = held_attention.library_path()
-    monkeypatch.setattr(held_attention, "FLAGS", [*held_attention.FLAGS, "-DEXTRA"])
+    monkeypatch.setattr(c_kernels, "FLAGS", (*c_kernels.FLAGS, "-DEXTRA"))
     assert held_attention.library_path() != first
     assert first.parent == tmp_path / "cache" / "kernels"

@@ -1,0 +1,87 @@
+"""Linear layers with float16 weights and float32 arithmetic, for products of a few rows on
+the CPU (half_linear.c, compiled at first use by engine.c_kernels).
+
+Why: an update of the fast mode multiplies a few rows per layer, so its time goes into reading
+the weight matrices. MiniLM's Q/K/V and feed-forward matrices are 39 MB in float32, more than
+the last-level cache of many CPUs (35.8 MB shared on the 2-core Xeon this was measured on):
+every update streams them from memory. In float16 they are 19.5 MB and stay in the cache. Unlike
+bfloat16 or int8 matmuls, nothing but the stored weights is rounded (to 11 significant bits):
+rows, products and sums stay float32, so a row's result never depends on the rows it is batched
+with.
+
+Products of more than `KERNEL_ROWS` rows (a chunk build) go to oneDNN with the float32 matrix
+packed once (engine.model.packed_linear), where arithmetic, not reading, sets the time; so do
+all products where the kernel cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from incstream.engine import c_kernels
+
+SOURCE = Path(__file__).with_name("half_linear.c")
+# At most this many rows per product go through half_linear.c: measured on the Xeon, 18
+# matrices of MiniLM with 1 / 4 / 8 / 16 rows took 2.1 / 2.9 / 4.4 / 7.9 ms there against
+# oneDNN's float32 5.2 / 5.2 / 6.0 / 7.0 ms.
+KERNEL_ROWS = 12
+
+
+@dataclass(frozen=True, eq=False)
+class HalfWeight:
+    """An (out, in) weight matrix in float16 for few-row products, and its float32 version
+    (packed for oneDNN where possible) for many-row ones; multiply with `project`
+    (engine.model.packed_linear)."""
+
+    half: torch.Tensor  # (out, in) float16, contiguous
+    full: object  # float32 torch.Tensor or packed_linear.PackedWeight, (out, in)
+    shape: torch.Size
+    dtype: torch.dtype = torch.float32  # what products return
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def _load() -> ctypes.CDLL | None:
+    lib = c_kernels.load(SOURCE)
+    if lib is not None and lib.half_linear.argtypes is None:
+        lib.half_linear.restype = None
+        lib.half_linear.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+    return lib
+
+
+def half_available() -> bool:
+    """Whether the float16-weight kernel can run here (builds it the first time)."""
+    return _load() is not None
+
+
+def half_weight(w: torch.Tensor) -> HalfWeight:
+    """A float32 CPU matrix as a HalfWeight (the float32 side packed for oneDNN)."""
+    from incstream.engine.model.packed_linear import pack
+
+    if w.device.type != "cpu":
+        raise ValueError(f"float16-weight products run on the CPU, not {w.device}")
+    w32 = w.detach().to(torch.float32).contiguous()
+    return HalfWeight(w32.to(torch.float16).contiguous(), pack(w32), w32.shape)
+
+
+def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torch.Tensor:
+    """x (n, in) @ w.T + b in float32: through half_linear.c for at most KERNEL_ROWS rows,
+    else oneDNN with the float32 matrix."""
+    from incstream.engine.model.packed_linear import project
+
+    lib = _load()
+    rows = x.shape[0] if x.dim() == 2 else -1
+    if lib is None or not 0 < rows <= KERNEL_ROWS:
+        return project(x.to(torch.float32), w.full, b)
+    x = x.to(torch.float32).contiguous()
+    bias = None if b is None else b.to(torch.float32).contiguous()
+    out_features, in_features = w.shape
+    y = torch.empty((rows, out_features), dtype=torch.float32)
+    lib.half_linear(rows, out_features, in_features, x.data_ptr(), w.half.data_ptr(),
+                    None if bias is None else bias.data_ptr(), y.data_ptr())
+    return y
