@@ -22,13 +22,18 @@ HEAD_DIM = 32  # the head width the source is compiled for (its D; MiniLM's 384 
 DEFINES = (f"-DD={HEAD_DIM}",)
 
 
+def declare(lib: ctypes.CDLL) -> None:
+    """held_attention's C signature (held_attention.c)."""
+    fn = lib.held_attention
+    fn.restype = ctypes.c_int64
+    fn.argtypes = ([ctypes.c_int64] * 6 + [ctypes.c_void_p] * 10 + [ctypes.c_float] * 3
+                   + [ctypes.c_void_p] * 2)
+
+
 def _load() -> ctypes.CDLL | None:
     lib = c_kernels.load(SOURCE, DEFINES)
     if lib is not None and lib.held_attention.argtypes is None:
-        fn = lib.held_attention
-        fn.restype = ctypes.c_int64
-        fn.argtypes = ([ctypes.c_int64] * 6 + [ctypes.c_void_p] * 10
-                       + [ctypes.c_float] * 3 + [ctypes.c_void_p] * 2)
+        declare(lib)
     return lib
 
 

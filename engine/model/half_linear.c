@@ -1,104 +1,118 @@
-/* y (m, N) = x (m, K) . W^T + b for a few rows m, with W (N, K) stored in float16 and every
- * product and sum in float32 (engine/model/half_linear.py).
+/* y (m, N) = x (m, K) . W^T + b with W stored in float16 and every product and sum in float32
+ * (engine/model/half_linear.py).
  *
- * An update of the fast mode multiplies 1-16 rows per matrix, so its time is the time to read
+ * An update of the fast mode multiplies a few rows per matrix, so its time is the time to read
  * the weights: MiniLM's Q/K/V and feed-forward matrices are 39 MB in float32, more than many
- * CPUs' last-level cache, and 19.5 MB in float16. Each weight is read once per call, widened to
- * float32 (F16C) and multiplied into every row: with at most ROWS rows per pass the partial sums
- * of one output stay in registers. Rounding a weight to float16 moves it by at most 2^-11 of
- * itself; the products are float32's.
+ * CPUs' last-level cache, and 19.5 MB in float16. Rounding a weight to float16 moves it by at
+ * most 2^-11 of itself; nothing else is rounded.
+ *
+ * Layout: W is stored in panels of BLOCK = 32 outputs, (N / 32, K, 32): panel p holds
+ * W[32p .. 32p+31, k] for k = 0..K-1 one after the other, so a pass over a panel reads it
+ * front to back. For each panel and each group of up to ROWS rows, the 32 outputs of every row
+ * are accumulated in registers: y[r, 32p + j] += x[r, k] * W[32p + j, k], one broadcast of
+ * x[r, k] against 32 widened weights, with no sum across a vector. The panel (24-96 KB) stays
+ * in the core's cache while the row groups go over it, so the weights come from memory once
+ * per call, whatever m is.
  */
 
 #include <stdint.h>
-#include <string.h>
 #ifdef __F16C__
 #include <immintrin.h>
 #endif
 
 typedef _Float16 half;
 
-#define ROWS 8  /* rows per pass over the weights */
-
+#define BLOCK 32  /* outputs per panel */
 #define INLINE static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__)
-/* 16 weights at a time */
-INLINE void block(const int64_t rows, int64_t N, int64_t K, const float *x, const half *w,
-                  const float *b, float *y, int64_t ldy) {
-    for (int64_t n = 0; n < N; n++) {
-        const half *wn = w + n * K;
-        __m512 acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wn + k)));
-            for (int r = 0; r < ROWS; r++)
-                if (r < rows) acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * K + k), acc[r]);
+#define ROWS 12  /* 2 x 12 accumulators + 2 weight registers of AVX-512's 32 */
+
+INLINE void panel(const int rows, int64_t K, const float *x, const half *wp, const float *b,
+                  float *y, int64_t ldy) {
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wp + k * BLOCK)));
+        __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wp + k * BLOCK + 16)));
+        for (int r = 0; r < rows; r++) {
+            __m512 xv = _mm512_set1_ps(x[r * K + k]);
+            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
         }
-        for (int64_t r = 0; r < rows; r++) {
-            float s = _mm512_reduce_add_ps(acc[r]);
-            for (int64_t t = k; t < K; t++) s += (float)wn[t] * x[r * K + t];
-            y[r * ldy + n] = s + (b ? b[n] : 0.0f);
-        }
+    }
+    for (int r = 0; r < rows; r++) {
+        __m512 b0 = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
+        __m512 b1 = b ? _mm512_loadu_ps(b + 16) : _mm512_setzero_ps();
+        _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(acc[r][0], b0));
+        _mm512_storeu_ps(y + r * ldy + 16, _mm512_add_ps(acc[r][1], b1));
     }
 }
 #elif defined(__F16C__) && defined(__FMA__)
-/* 8 weights at a time */
-static float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#define ROWS 3  /* 4 x 3 accumulators + 4 weight registers of AVX2's 16 */
 
-INLINE void block(const int64_t rows, int64_t N, int64_t K, const float *x, const half *w,
-                  const float *b, float *y, int64_t ldy) {
-    for (int64_t n = 0; n < N; n++) {
-        const half *wn = w + n * K;
-        __m256 acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 8 <= K; k += 8) {
-            __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wn + k)));
-            for (int r = 0; r < ROWS; r++)
-                if (r < rows) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
-        }
-        for (int64_t r = 0; r < rows; r++) {
-            float s = hsum256(acc[r]);
-            for (int64_t t = k; t < K; t++) s += (float)wn[t] * x[r * K + t];
-            y[r * ldy + n] = s + (b ? b[n] : 0.0f);
+INLINE void panel(const int rows, int64_t K, const float *x, const half *wp, const float *b,
+                  float *y, int64_t ldy) {
+    __m256 acc[ROWS][4];
+    for (int r = 0; r < rows; r++)
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 w[4];
+        for (int q = 0; q < 4; q++)
+            w[q] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wp + k * BLOCK + 8 * q)));
+        for (int r = 0; r < rows; r++) {
+            __m256 xv = _mm256_set1_ps(x[r * K + k]);
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm256_fmadd_ps(xv, w[q], acc[r][q]);
         }
     }
+    for (int r = 0; r < rows; r++)
+        for (int q = 0; q < 4; q++) {
+            __m256 bq = b ? _mm256_loadu_ps(b + 8 * q) : _mm256_setzero_ps();
+            _mm256_storeu_ps(y + r * ldy + 8 * q, _mm256_add_ps(acc[r][q], bq));
+        }
 }
 #else
-/* plain C: the compiler vectorizes what it can */
-INLINE void block(const int64_t rows, int64_t N, int64_t K, const float *x, const half *w,
-                  const float *b, float *y, int64_t ldy) {
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t r = 0; r < rows; r++) {
-            float s = 0.0f;
-            for (int64_t t = 0; t < K; t++) s += (float)w[n * K + t] * x[r * K + t];
-            y[r * ldy + n] = s + (b ? b[n] : 0.0f);
-        }
+#define ROWS 4  /* plain C: the compiler vectorizes what it can */
+
+INLINE void panel(const int rows, int64_t K, const float *x, const half *wp, const float *b,
+                  float *y, int64_t ldy) {
+    float acc[ROWS][BLOCK] = {{0.0f}};
+    for (int64_t k = 0; k < K; k++)
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < BLOCK; j++) acc[r][j] += x[r * K + k] * (float)wp[k * BLOCK + j];
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < BLOCK; j++) y[r * ldy + j] = acc[r][j] + (b ? b[j] : 0.0f);
 }
 #endif
 
-/* x (m, K) float32, w (N, K) float16, b (N) float32 or NULL, y (m, N) float32 */
+/* one copy of `panel` per row count, so that the accumulators stay in registers */
+#define CASE(R) case R: panel(R, K, xr, wp, bp, yr, N); break;
+
+/* x (m, K) float32, w (N / 32, K, 32) float16 panels, b (N) float32 or NULL, y (m, N) float32;
+ * N a multiple of 32. */
 void half_linear(int64_t m, int64_t N, int64_t K, const float *x, const half *w,
                  const float *b, float *y) {
-    for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
-        const float *xr = x + r0 * K;
-        float *yr = y + r0 * N;
-        /* one specialised copy per row count: the accumulators stay in registers */
-        switch (m - r0 < ROWS ? m - r0 : ROWS) {
-            case 1: block(1, N, K, xr, w, b, yr, N); break;
-            case 2: block(2, N, K, xr, w, b, yr, N); break;
-            case 3: block(3, N, K, xr, w, b, yr, N); break;
-            case 4: block(4, N, K, xr, w, b, yr, N); break;
-            case 5: block(5, N, K, xr, w, b, yr, N); break;
-            case 6: block(6, N, K, xr, w, b, yr, N); break;
-            case 7: block(7, N, K, xr, w, b, yr, N); break;
-            default: block(8, N, K, xr, w, b, yr, N); break;
+    for (int64_t p = 0; p < N / BLOCK; p++) {
+        const half *wp = w + p * K * BLOCK;
+        const float *bp = b ? b + p * BLOCK : 0;
+        for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+            const float *xr = x + r0 * K;
+            float *yr = y + r0 * N + p * BLOCK;
+            switch (m - r0 < ROWS ? m - r0 : ROWS) {
+                CASE(1)
+#if ROWS >= 2
+                CASE(2)
+#endif
+#if ROWS >= 3
+                CASE(3)
+#endif
+#if ROWS >= 4
+                CASE(4)
+#endif
+#if ROWS >= 12
+                CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
+#endif
+            }
         }
     }
 }

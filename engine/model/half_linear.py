@@ -11,7 +11,8 @@ with.
 
 Products of more than `KERNEL_ROWS` rows (a chunk build) go to oneDNN with the float32 matrix
 packed once (engine.model.packed_linear), where arithmetic, not reading, sets the time; so do
-all products where the kernel cannot be compiled.
+all products where the kernel cannot be compiled, and matrices whose output count is no
+multiple of 32 (the kernel's panel width; MiniLM's are 384, 1152 and 1536).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import torch
 from incstream.engine import c_kernels
 
 SOURCE = Path(__file__).with_name("half_linear.c")
-# At most this many rows per product go through half_linear.c: measured on the Xeon, 18
-# matrices of MiniLM with 1 / 4 / 8 / 16 rows took 2.1 / 2.9 / 4.4 / 7.9 ms there against
-# oneDNN's float32 5.2 / 5.2 / 6.0 / 7.0 ms.
-KERNEL_ROWS = 12
+PANEL = 32  # outputs per panel of the float16 layout (half_linear.c's BLOCK)
+# At most this many rows per product go through half_linear.c: measured on the Xeon, MiniLM's
+# 18 Q/K/V and feed-forward matrices with 1 / 4 / 16 / 32 / 64 / 256 rows took 1.6 / 2.0 / 4.1 /
+# 6.8 / 13.3 / 47 ms there against oneDNN's float32 5.0 / 5.0 / 6.5 / 9.0 / 13.6 / 42 ms: reading
+# the weights sets the time of a few rows, arithmetic that of many.
+KERNEL_ROWS = 48
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +40,9 @@ class HalfWeight:
     (packed for oneDNN where possible) for many-row ones; multiply with `project`
     (engine.model.packed_linear)."""
 
-    half: torch.Tensor  # (out, in) float16, contiguous
+    # (out / 32, in, 32) float16: panels of 32 outputs, the layout half_linear.c reads; None
+    # when `out` is no multiple of 32 (then every product takes `full`)
+    panels: torch.Tensor | None
     full: object  # float32 torch.Tensor or packed_linear.PackedWeight, (out, in)
     shape: torch.Size
     dtype: torch.dtype = torch.float32  # what products return
@@ -46,11 +51,16 @@ class HalfWeight:
         return self.shape[0] * self.shape[1]
 
 
+def declare(lib: ctypes.CDLL) -> None:
+    """half_linear's C signature: (m, N, K, x, w, b, y) -> void."""
+    lib.half_linear.restype = None
+    lib.half_linear.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+
+
 def _load() -> ctypes.CDLL | None:
     lib = c_kernels.load(SOURCE)
     if lib is not None and lib.half_linear.argtypes is None:
-        lib.half_linear.restype = None
-        lib.half_linear.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+        declare(lib)
     return lib
 
 
@@ -66,7 +76,12 @@ def half_weight(w: torch.Tensor) -> HalfWeight:
     if w.device.type != "cpu":
         raise ValueError(f"float16-weight products run on the CPU, not {w.device}")
     w32 = w.detach().to(torch.float32).contiguous()
-    return HalfWeight(w32.to(torch.float16).contiguous(), pack(w32), w32.shape)
+    out_features, in_features = w32.shape
+    panels = None
+    if out_features % PANEL == 0:
+        panels = (w32.to(torch.float16).view(out_features // PANEL, PANEL, in_features)
+                  .transpose(1, 2).contiguous())
+    return HalfWeight(panels, pack(w32), w32.shape)
 
 
 def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torch.Tensor:
@@ -76,12 +91,12 @@ def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torc
 
     lib = _load()
     rows = x.shape[0] if x.dim() == 2 else -1
-    if lib is None or not 0 < rows <= KERNEL_ROWS:
+    if lib is None or w.panels is None or not 0 < rows <= KERNEL_ROWS:
         return project(x.to(torch.float32), w.full, b)
     x = x.to(torch.float32).contiguous()
     bias = None if b is None else b.to(torch.float32).contiguous()
     out_features, in_features = w.shape
     y = torch.empty((rows, out_features), dtype=torch.float32)
-    lib.half_linear(rows, out_features, in_features, x.data_ptr(), w.half.data_ptr(),
+    lib.half_linear(rows, out_features, in_features, x.data_ptr(), w.panels.data_ptr(),
                     None if bias is None else bias.data_ptr(), y.data_ptr())
     return y

@@ -22,11 +22,12 @@ def _require_kernel() -> None:
         pytest.skip("no working C compiler here (CI has one: a skip there fails the run)")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, KERNEL_ROWS])
-@pytest.mark.parametrize("shape", [(1152, 384), (384, 1536), (33, 40)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 11, 12, 13, 25, KERNEL_ROWS])
+@pytest.mark.parametrize("shape", [(1152, 384), (384, 1536), (64, 40)])
 def test_few_rows_multiply_the_float16_weights_in_float32(rows, shape):
     """The kernel's product is the float32 product with the float16-rounded weights (up to
-    summation order), for every row count it takes and widths that are no multiple of 16."""
+    summation order), for row counts around its register blocks (12 rows with AVX-512, 3 with
+    AVX2) and inputs of any width."""
     _require_kernel()
     torch.manual_seed(rows)
     w, b = torch.randn(*shape) * 0.05, torch.randn(shape[0])
@@ -38,7 +39,7 @@ def test_few_rows_multiply_the_float16_weights_in_float32(rows, shape):
     torch.testing.assert_close(without_bias, want - b, rtol=1e-5, atol=1e-5)
 
 
-def test_many_rows_and_no_compiler_use_the_float32_matrix(monkeypatch, tmp_path):
+def test_many_rows_other_widths_and_no_compiler_use_the_float32_matrix(monkeypatch, tmp_path):
     torch.manual_seed(0)
     w, b = torch.randn(96, 64), torch.randn(96)
     hw = half_weight(w)
@@ -46,6 +47,10 @@ def test_many_rows_and_no_compiler_use_the_float32_matrix(monkeypatch, tmp_path)
     exact = torch.nn.functional.linear(x, w, b)
     torch.testing.assert_close(project_half(x, hw, b), exact, rtol=1e-4, atol=1e-4)
     assert project_half(x[:0], hw, b).shape == (0, 96)
+    odd = half_weight(w[:33])  # 33 outputs: no panels, float32 for every product
+    assert odd.panels is None
+    torch.testing.assert_close(project_half(x[:2], odd, b[:33]), exact[:2, :33], rtol=1e-4,
+                               atol=1e-4)
     monkeypatch.setattr(c_kernels, "_loaded", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("INCSTREAM_HOME", str(tmp_path))
@@ -74,3 +79,25 @@ def test_float16_weights_answer_like_float32_along_an_edit_history(model, tokeni
 def test_float16_weights_are_for_the_cpu():
     with pytest.raises(ValueError, match="CPU"):
         half_weight(torch.empty(4, 4, device="meta"))
+
+
+@pytest.mark.parametrize("isa", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma",
+                                                    "-mno-f16c")])
+def test_the_avx2_and_plain_c_versions_compute_the_same(isa):
+    """The kernel as built for CPUs without AVX-512 (F16C + FMA, 3 rows a group) and without
+    either (plain C): the same products as the float32 product with the rounded weights."""
+    if c_kernels.compiler() is None:
+        pytest.skip("no C compiler here (CI has one: a skip there fails the run)")
+    lib = c_kernels.load(half_linear.SOURCE, isa)
+    assert lib is not None
+    half_linear.declare(lib)
+    torch.manual_seed(1)
+    w, b = torch.randn(64, 40) * 0.05, torch.randn(64)
+    hw = half_weight(w)
+    for rows in (1, 2, 3, 4, 5, 7):
+        x = torch.randn(rows, 40)
+        y = torch.empty(rows, 64)
+        lib.half_linear(rows, 64, 40, x.data_ptr(), hw.panels.data_ptr(), b.data_ptr(),
+                        y.data_ptr())
+        want = torch.nn.functional.linear(x, w.half().float(), b)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

@@ -25,11 +25,19 @@ def _require_kernel() -> None:
         pytest.skip("no working C compiler here (CI has one: a skip there fails the run)")
 
 
-def test_every_layer_of_real_splices_equals_the_reference(model, tokenizer, monkeypatch):
+@pytest.mark.parametrize("isa", [(), ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")],
+                         ids=["native", "plain-c"])
+def test_every_layer_of_real_splices_equals_the_reference(model, tokenizer, monkeypatch, isa):
     """Each layer of each splice of a real edit history, run both ways from the same state:
     the same rows recomputed, the same codes and flips, the same inputs for the rest of the
-    block, and normalisers and slack equal up to float rounding."""
+    block, and normalisers and slack equal up to float rounding. Also with the kernel built
+    for a CPU without AVX-512 or F16C (its conversions element by element)."""
     _require_kernel()
+    if isa:
+        lib = c_kernels.load(held_attention.SOURCE, held_attention.DEFINES + isa)
+        assert lib is not None
+        held_attention.declare(lib)
+        monkeypatch.setattr(held_attention, "_load", lambda: lib)
     original = FastSplice.attend
     compared = []
 
