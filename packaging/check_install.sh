@@ -71,5 +71,11 @@ diff "$work/site-hashes-before" "$work/site-hashes-after" >&2 \
 left=$(ls -A "$work/tmp" | grep -v '^torchinductor_' || true)
 [ -z "$left" ] || fail "the demo left $left in the temp dir"
 [ -z "$(ls -A "$work/elsewhere")" ] || fail "the demo wrote $(ls "$work/elsewhere") into the cwd"
+# The installed package carries its C kernels' sources and the worker built them into the user
+# data dir (engine/c_kernels.py): the fast mode's held attention runs on every CPU with a compiler.
+if command -v "${CC:-cc}" >/dev/null; then
+  ls "$work/xdg/incstream/cache/kernels"/held_attention-*.so >/dev/null 2>&1 \
+    || fail "the demo's worker did not build the held-attention kernel from the installed package"
+fi
 
 step "OK: fresh venv, pip install, pip check, demo; site-packages unchanged"

@@ -38,10 +38,15 @@
 
 typedef _Float16 half;
 
-/* float16 -> float32 of `count` values: 8 at a time with F16C on x86 (compilers do not
- * vectorize _Float16 conversions there without AVX512-FP16), element by element elsewhere. */
-static void to_float(const half *src, float *dst, int64_t count) {
+/* float16 -> float32 of `count` values: 16 or 8 at a time with AVX-512 or F16C on x86
+ * (compilers do not vectorize _Float16 conversions there without AVX512-FP16), element by
+ * element elsewhere. */
+static inline void to_float(const half *src, float *dst, int64_t count) {
     int64_t t = 0;
+#ifdef __AVX512F__
+    for (; t + 16 <= count; t += 16)
+        _mm512_storeu_ps(dst + t, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + t))));
+#endif
 #ifdef __F16C__
     for (; t + 8 <= count; t += 8)
         _mm256_storeu_ps(dst + t, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + t))));
@@ -66,6 +71,8 @@ static float *scratch_floats(size_t count) {
 /* The head width, fixed at compile time (-DD=32) so that every per-head loop unrolls into a few vector
  * instructions (MiniLM: 384 = 12 heads x 32). held_attention() refuses other widths (returns
  * -2) and engine/incremental/held_attention.py then keeps the PyTorch version. */
+#define UB 8  /* rows recomputed together in step 3 */
+
 #ifndef D
 #error "compile with -DD=<head width>"
 #endif
@@ -101,12 +108,17 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
                        float min_slack, float scale, int64_t *u_idx, uint8_t *flipped) {
     if (d != D) return -2;
     const int64_t row = 3 * H * D;  /* stride of one row of qkv */
-    /* q: a row's queries; keys, vals: the chunk's keys and values in float32, (H, n, D) */
-    float *q = scratch_floats((size_t)(H * D + D + H * J + n + K + 2 * H * n * D + n));
+    /* q: a row's queries; w: its weights of the moved keys; then for step 3's groups of UB
+     * rows: qb their queries, sc their scores, zb their normalisers, ctx their contexts, and
+     * kv_row one key or value row of the chunk (all heads), in float32 */
+    size_t floats = H * D + D + H * J + K + UB * H * D + UB * H * n + UB * H + UB * H * D
+                    + H * D + n / sizeof(float) + 1;
+    float *q = scratch_floats(floats);
     if (!q) return -1;
-    float *acc = q + H * D, *w = acc + D, *scores = w + H * J, *part = scores + n;
-    float *keys = part + K, *vals = keys + H * n * D;
-    uint8_t *in_s = (uint8_t *)(vals + H * n * D);  /* 1 for the rows of S */
+    float *acc = q + H * D, *w = acc + D, *part = w + H * J, *qb = part + K;
+    float *sc = qb + UB * H * D, *zb = sc + UB * H * n, *ctx = zb + UB * H;
+    float *kv_row = ctx + UB * H * D;
+    uint8_t *in_s = (uint8_t *)(kv_row + H * D);  /* 1 for the rows of S */
     memset(in_s, 0, (size_t)n);
     for (int64_t t = 0; t < m_s; t++) in_s[s_idx[t]] = 1;
 
@@ -146,58 +158,67 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
         if (spent) u_idx[u++] = i;
     }
 
-    /* Step 3: whole contexts of the recomputed rows, re-quantized with hysteresis. */
-    for (int64_t j = 0; j < n && u > 0; j++)
-        for (int64_t h = 0; h < H; h++) {
-            to_float(qkv + j * row + (H + h) * D, keys + (h * n + j) * D, D);
-            to_float(qkv + j * row + (2 * H + h) * D, vals + (h * n + j) * D, D);
+    /* Step 3: whole contexts of the recomputed rows, re-quantized with hysteresis. Up to UB
+     * rows at a time, walking the chunk's rows in order: each key and value row (all heads) is
+     * widened once for the group and read front to back. */
+    for (int64_t r0 = 0; r0 < u; r0 += UB) {
+        int64_t rb = u - r0 < UB ? u - r0 : UB;
+        for (int64_t r = 0; r < rb; r++) {  /* the group's queries, (rb, H * D) */
+            if (r0 + r < m_s) memcpy(qb + r * H * D, qkv_s + (r0 + r) * row, sizeof(float) * H * D);
+            else to_float(qkv + u_idx[r0 + r] * row, qb + r * H * D, H * D);
         }
-    for (int64_t r = 0; r < u; r++) {
-        int64_t i = u_idx[r];
-        int flip = 0;
-        for (int64_t h = 0; h < H; h++) {
-            if (r < m_s) {
-                const float *qs = qkv_s + r * row + h * D;
-                for (int t = 0; t < D; t++) q[t] = qs[t];
-            } else {
-                to_float(qkv + i * row + h * D, q, D);
-            }
-            float top = -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
-                float s = dot_f(keys + (h * n + j) * D, q) * scale;
-                scores[j] = s;
-                top = s > top ? s : top;
-            }
-            for (int64_t j = 0; j < n; j++) scores[j] = exp_approx(scores[j] - top);
-            float z = 0.0f;
-            for (int t = 0; t < D; t++) acc[t] = 0.0f;
-            for (int64_t j = 0; j < n; j++) {
-                const float *v = vals + (h * n + j) * D;
-                float e = scores[j];
-                z += e;
-                for (int t = 0; t < D; t++) acc[t] += e * v[t];
-            }
-            for (int t = 0; t < D; t++) acc[t] /= z;
-            lse[i * H + h] = top + logf(z);
-            /* nearest code, and the distance to the held one */
-            float sq = dot_f(acc, acc);
-            int64_t best = 0;
-            for (int64_t k = 0; k < K; k++) {
-                part[k] = sqnorm[h * K + k] - 2.0f * dot_f(acc, cb + (h * K + k) * D);
-                if (part[k] < part[best]) best = k;
-            }
-            float d_best = sqrtf(part[best] + sq > 0.0f ? part[best] + sq : 0.0f);
-            int64_t old = codes[i * H + h];
-            float d_old = old < 0 ? INFINITY : sqrtf(part[old] + sq > 0.0f ? part[old] + sq : 0.0f);
-            int64_t code = old;
-            float kept = d_old;
-            if (d_old - d_best > tau) { code = best; kept = d_best; }
-            if (old >= 0 && code != old) flip = 1;
-            codes[i * H + h] = code;
-            float room = (tau + gap[h * K + code]) / 2.0f - kept;
-            slack[i * H + h] = (half)(room > min_slack ? room : min_slack);
+        for (int64_t j = 0; j < n; j++) {  /* scores, (rb, H, n) */
+            to_float(qkv + j * row + H * D, kv_row, H * D);
+            for (int64_t r = 0; r < rb; r++)
+                for (int64_t h = 0; h < H; h++)
+                    sc[(r * H + h) * n + j] = dot_f(qb + r * H * D + h * D, kv_row + h * D) * scale;
         }
-        flipped[r] = (uint8_t)flip;
+        for (int64_t r = 0; r < rb; r++)
+            for (int64_t h = 0; h < H; h++) {
+                float *s = sc + (r * H + h) * n, top = -INFINITY, z = 0.0f;
+                for (int64_t j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
+                for (int64_t j = 0; j < n; j++) s[j] = exp_approx(s[j] - top);
+                for (int64_t j = 0; j < n; j++) z += s[j];
+                lse[u_idx[r0 + r] * H + h] = top + logf(z);
+                zb[r * H + h] = z;
+            }
+        for (int64_t t = 0; t < rb * H * D; t++) ctx[t] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {  /* contexts, (rb, H * D) */
+            to_float(qkv + j * row + 2 * H * D, kv_row, H * D);
+            for (int64_t r = 0; r < rb; r++)
+                for (int64_t h = 0; h < H; h++) {
+                    float e = sc[(r * H + h) * n + j], *c = ctx + r * H * D + h * D;
+                    const float *v = kv_row + h * D;
+                    for (int t = 0; t < D; t++) c[t] += e * v[t];
+                }
+        }
+        for (int64_t r = 0; r < rb; r++) {
+            int64_t i = u_idx[r0 + r];
+            int flip = 0;
+            for (int64_t h = 0; h < H; h++) {
+                float *c = ctx + r * H * D + h * D, inv = 1.0f / zb[r * H + h];
+                for (int t = 0; t < D; t++) c[t] *= inv;
+                /* nearest code, and the distance to the held one */
+                float sq = dot_f(c, c);
+                int64_t best = 0;
+                for (int64_t k = 0; k < K; k++) {
+                    part[k] = sqnorm[h * K + k] - 2.0f * dot_f(c, cb + (h * K + k) * D);
+                    if (part[k] < part[best]) best = k;
+                }
+                float d_best = sqrtf(part[best] + sq > 0.0f ? part[best] + sq : 0.0f);
+                int64_t old = codes[i * H + h];
+                float d_old = old < 0 ? INFINITY
+                                      : sqrtf(part[old] + sq > 0.0f ? part[old] + sq : 0.0f);
+                int64_t code = old;
+                float kept = d_old;
+                if (d_old - d_best > tau) { code = best; kept = d_best; }
+                if (old >= 0 && code != old) flip = 1;
+                codes[i * H + h] = code;
+                float room = (tau + gap[h * K + code]) / 2.0f - kept;
+                slack[i * H + h] = (half)(room > min_slack ? room : min_slack);
+            }
+            flipped[r0 + r] = (uint8_t)flip;
+        }
     }
     return u;
 }
