@@ -64,9 +64,9 @@ def test_every_layer_of_real_splices_equals_the_reference(model, tokenizer, monk
     (_, snapshot, events), = stream_docs("peps-typing.jsonl.gz", 1)
     s = DocumentSession(model, tokenizer, snapshot, ChunkPolicy(max_tokens=128),
                         mode=replace(DIAL, kernel="torch"))
-    for event in events[:60]:
+    for event in events[:60 if not isa else 25]:  # (the variant: a shorter history)
         s.apply_ops(event["ops"])
-    assert len(compared) > 100 and sum(compared) > len(compared)
+    assert len(compared) > 40 and sum(compared) > len(compared)
 
 
 def test_a_replay_answers_the_same_with_either_kernel(model, tokenizer):
