@@ -232,7 +232,10 @@ def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tens
         qkv = _qkv(fw, layer, x, macs)
         lse, ctx = _attend(*qkv.unbind(1), macs)
         codes, slack = _requantize(fw, cfg, layer, ctx, none, macs)
-        layers.append(FastLayer(qkv.to(STORE), lse, slack.to(STORE), codes.to(torch.uint8)))
+        # row-major like every update's state (_attend and _requantize give head-major views,
+        # and the compiled held attention reads rows)
+        layers.append(FastLayer(qkv.to(STORE), lse.contiguous(), slack.to(STORE).contiguous(),
+                                codes.to(torch.uint8).contiguous()))
         x = feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), mcfg.layer_norm_eps,
                                macs)
     out = x.to(STORE)
@@ -268,7 +271,7 @@ def restore_fast_chunk(fw: FastWeights, cfg: FastModeConfig, record: ChunkRecord
         lse, ctx = _attend(*qkv.unbind(1), macs)
         held = codes[layer].long()
         slack = _held_slack(fw, cfg, layer, ctx, held)
-        layers.append(FastLayer(qkv.to(STORE), lse.contiguous(), slack.to(STORE),
+        layers.append(FastLayer(qkv.to(STORE), lse.contiguous(), slack.to(STORE).contiguous(),
                                 codes[layer].to(torch.uint8)))
         x = feed_forward_block(lw, x, _lookup(fw, layer, held, macs), fw.w.config.layer_norm_eps,
                                macs)
@@ -475,10 +478,6 @@ class FastSplice:
         same contract as _held_attention."""
         fw, cfg = self.fw, self.cfg
         self.qkv[self.s_idx] = qkv_s.to(STORE)
-        # (a canonical build keeps lse, slack and codes as transposed views; the kernel reads
-        # rows)
-        self.lse, self.slack, self.codes = (t.contiguous()
-                                            for t in (self.lse, self.slack, self.codes))
         unit = float(fw.gap_median[layer])
         return held_attention.held_attention(
             self.qkv, qkv_s, kv, self.lse, self.slack, self.codes, self.s_idx,
