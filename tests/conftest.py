@@ -17,6 +17,15 @@ import pytest
 GPU_SKIP_REASON = "needs a CUDA GPU (none here)"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (`./dev test` runs 2 processes) each process gets one torch thread:
+    # two processes with a thread per core each would fight over the cores. Set before any
+    # test module imports torch; worker processes the tests start set their own threads.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
 def skips_forbidden() -> bool:
     flags = (os.environ.get("INCSTREAM_NO_SKIPS", ""), os.environ.get("CI", ""))
     return any(f.strip().lower() in {"1", "true", "yes"} for f in flags)
