@@ -28,6 +28,7 @@ OTHER_VARIABLES = frozenset({
     "INCSTREAM_DATASETS_DIR",  # engine/training/dataset_sources.py: the labelled data cache
     "INCSTREAM_FETCH_DATASETS",  # tests/test_datasets.py: fetch missing data first
     "INCSTREAM_NO_SKIPS",  # tests/conftest.py: a skipped test fails (as CI=true)
+    "INCSTREAM_TEST_PROCESSES",  # ./dev test: pytest-xdist processes (2; 0 = one process)
     # pipeline/app.py's fault hooks, armed by the integration tests only.
     "INCSTREAM_TEST_CRASH_AFTER_PUBLISH",
     "INCSTREAM_TEST_FAIL_BEFORE_PUBLISH",
