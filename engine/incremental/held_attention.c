@@ -71,18 +71,19 @@ static float *scratch_floats(size_t count) {
 /* The head width, fixed at compile time (-DD=32) so that every per-head loop unrolls into a few vector
  * instructions (MiniLM: 384 = 12 heads x 32). held_attention() refuses other widths (returns
  * -2) and engine/incremental/held_attention.py then keeps the PyTorch version. */
-#define UB 8  /* rows recomputed together in step 3 */
+/* Rows recomputed together in step 3. Its scores, softmax and codebook search keep the group's
+ * rows in the lanes of a vector (layouts (..., UB)): a key or code entry is broadcast and
+ * multiplied into all rows at once, so no dot product ends in a horizontal sum. 16 = one
+ * AVX-512 vector of floats; a layer recomputes ~10 rows (median, peps-typing), one group. */
+#define UB 16
 
 #ifndef D
 #error "compile with -DD=<head width>"
 #endif
+#if D % 4 != 0
+#error "the head width must be a multiple of 4 (dot_lanes)"
+#endif
 
-/* exp(x) for float32, vectorizable (libm's expf is a call per element): x = k ln2 + r with
- * |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error ~2e-7), times 2^k
- * built in the exponent bits. Below -60 it returns 0: an attention weight under 1e-26 changes
- * nothing, and products of weights near float32's smallest normal would be subnormal numbers,
- * which the CPU computes a hundred times slower. (Plain comparisons, not fminf/fmaxf: those
- * honour NaN and stay library calls.) */
 static inline float exp_approx(float x) {
     float xc = x < -60.0f ? -60.0f : (x > 88.0f ? 88.0f : x);
     float k = floorf(xc * 1.44269504f + 0.5f);
@@ -93,6 +94,54 @@ static inline float exp_approx(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return x < -60.0f ? 0.0f : p * scale;
+}
+
+/* The lanes of step 3: one float per row of a group (GCC/Clang vector extensions: one AVX-512
+ * register, two AVX ones, or plain loops where neither exists). `lanes_u` reads and writes
+ * them anywhere in the scratch memory (no alignment assumed). */
+typedef float lanes __attribute__((vector_size(UB * sizeof(float))));
+typedef int32_t lanes_int __attribute__((vector_size(UB * sizeof(int32_t))));
+typedef float lanes_u __attribute__((vector_size(UB * sizeof(float)), aligned(4)));
+
+static inline lanes_u *lanes_at(float *base, int64_t index) {  /* base[index * UB ...] */
+    return (lanes_u *)(base + index * UB);
+}
+
+static inline lanes lanes_select(lanes_int mask, lanes a, lanes b) {  /* mask ? a : b */
+    return (lanes)(((lanes_int)a & mask) | ((lanes_int)b & ~mask));
+}
+
+static inline lanes lanes_max(lanes a, lanes b) { return lanes_select(a > b, a, b); }
+
+/* exp_approx in every lane (same range reduction and polynomial) */
+static inline lanes lanes_exp(lanes x) {
+    lanes lo = (lanes){0.0f} - 60.0f, hi = (lanes){0.0f} + 88.0f;
+    lanes xc = lanes_select(x < lo, lo, lanes_select(x > hi, hi, x));
+    lanes y = xc * 1.44269504f + 0.5f;
+    lanes_int ki = __builtin_convertvector(y, lanes_int);  /* toward zero, */
+    lanes k = __builtin_convertvector(ki, lanes);
+    lanes_int below = k > y;  /* then down: floor */
+    ki += below;  /* (true lanes are -1) */
+    k = __builtin_convertvector(ki, lanes);
+    lanes r = xc - k * 0.693145752f - k * 1.42860677e-06f;
+    lanes p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f
+              + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+    lanes scale = (lanes)((ki + 127) << 23);
+    return lanes_select(x < lo, (lanes){0.0f}, p * scale);
+}
+
+/* sum_t a[t] * b[t] for every lane, a (D) broadcast into b (D, UB): four running sums, so that
+ * each multiply-add waits for the one four before it, not for the last (its latency, ~4
+ * cycles, would otherwise set the pace). */
+static inline lanes dot_lanes(const float *a, const lanes_u *b) {
+    lanes s0 = a[0] * b[0], s1 = a[1] * b[1], s2 = a[2] * b[2], s3 = a[3] * b[3];
+    for (int t = 4; t < D; t += 4) {
+        s0 += a[t] * b[t];
+        s1 += a[t + 1] * b[t + 1];
+        s2 += a[t + 2] * b[t + 2];
+        s3 += a[t + 3] * b[t + 3];
+    }
+    return (s0 + s1) + (s2 + s3);
 }
 
 static inline float dot_f(const float *a, const float *b) {
@@ -109,15 +158,17 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
     if (d != D) return -2;
     const int64_t row = 3 * H * D;  /* stride of one row of qkv */
     /* q: a row's queries; w: its weights of the moved keys; then for step 3's groups of UB
-     * rows: qb their queries, sc their scores, zb their normalisers, ctx their contexts, and
-     * kv_row one key or value row of the chunk (all heads), in float32 */
-    size_t floats = H * D + D + H * J + K + UB * H * D + UB * H * n + UB * H + UB * H * D
-                    + H * D + n / sizeof(float) + 1;
+     * rows: qt their queries (H, D, UB), sc their scores then weights (H, n, UB), top and z
+     * their score maxima and normalisers (H, UB), ctx their contexts (UB, H, D) and ctxt the
+     * same as (H, D, UB), part the codebook distances of one head (K, UB), kv_row one key or
+     * value row of the chunk (all heads); all float32 */
+    size_t floats = H * D + D + H * J + H * D * UB + H * n * UB + 2 * H * UB + 2 * UB * H * D
+                    + K * UB + H * D + n / sizeof(float) + 1;
     float *q = scratch_floats(floats);
     if (!q) return -1;
-    float *acc = q + H * D, *w = acc + D, *part = w + H * J, *qb = part + K;
-    float *sc = qb + UB * H * D, *zb = sc + UB * H * n, *ctx = zb + UB * H;
-    float *kv_row = ctx + UB * H * D;
+    float *acc = q + H * D, *w = acc + D, *qt = w + H * J, *sc = qt + H * D * UB;
+    float *top = sc + H * n * UB, *z = top + H * UB, *ctx = z + H * UB;
+    float *ctxt = ctx + UB * H * D, *part = ctxt + H * D * UB, *kv_row = part + K * UB;
     uint8_t *in_s = (uint8_t *)(kv_row + H * D);  /* 1 for the rows of S */
     memset(in_s, 0, (size_t)n);
     for (int64_t t = 0; t < m_s; t++) in_s[s_idx[t]] = 1;
@@ -160,64 +211,92 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
 
     /* Step 3: whole contexts of the recomputed rows, re-quantized with hysteresis. Up to UB
      * rows at a time, walking the chunk's rows in order: each key and value row (all heads) is
-     * widened once for the group and read front to back. */
+     * widened once for the group. Lanes past the group's rows hold zero queries: they compute
+     * harmless numbers that nothing reads. */
     for (int64_t r0 = 0; r0 < u; r0 += UB) {
         int64_t rb = u - r0 < UB ? u - r0 : UB;
-        for (int64_t r = 0; r < rb; r++) {  /* the group's queries, (rb, H * D) */
-            if (r0 + r < m_s) memcpy(qb + r * H * D, qkv_s + (r0 + r) * row, sizeof(float) * H * D);
-            else to_float(qkv + u_idx[r0 + r] * row, qb + r * H * D, H * D);
+        memset(qt, 0, sizeof(float) * H * D * UB);
+        for (int64_t r = 0; r < rb; r++) {  /* the group's queries, scaled, as (H, D, UB) */
+            const float *qr = q;
+            if (r0 + r < m_s) qr = qkv_s + (r0 + r) * row;
+            else to_float(qkv + u_idx[r0 + r] * row, q, H * D);
+            for (int64_t t = 0; t < H * D; t++) qt[t * UB + r] = qr[t] * scale;
         }
-        for (int64_t j = 0; j < n; j++) {  /* scores, (rb, H, n) */
+        for (int64_t h = 0; h < H; h++) {
+            lanes_at(top, h)[0] = (lanes){0.0f} - INFINITY;
+            lanes_at(z, h)[0] = (lanes){0.0f};
+        }
+        for (int64_t j = 0; j < n; j++) {  /* scores (H, n, UB) and their maxima */
             to_float(qkv + j * row + H * D, kv_row, H * D);
-            for (int64_t r = 0; r < rb; r++)
-                for (int64_t h = 0; h < H; h++)
-                    sc[(r * H + h) * n + j] = dot_f(qb + r * H * D + h * D, kv_row + h * D) * scale;
+            for (int64_t h = 0; h < H; h++) {
+                const float *k = kv_row + h * D;
+                const lanes_u *qh = lanes_at(qt, h * D);
+                lanes s = dot_lanes(k, qh);
+                lanes_at(sc, h * n + j)[0] = s;
+                lanes_at(top, h)[0] = lanes_max(s, lanes_at(top, h)[0]);
+            }
+        }
+        for (int64_t h = 0; h < H; h++) {  /* weights exp(score - max) and their sums */
+            lanes m = lanes_at(top, h)[0], sum = {0.0f};
+            for (int64_t j = 0; j < n; j++) {
+                lanes e = lanes_exp(lanes_at(sc, h * n + j)[0] - m);
+                lanes_at(sc, h * n + j)[0] = e;
+                sum += e;
+            }
+            lanes_at(z, h)[0] = sum;
         }
         for (int64_t r = 0; r < rb; r++)
-            for (int64_t h = 0; h < H; h++) {
-                float *s = sc + (r * H + h) * n, top = -INFINITY, z = 0.0f;
-                for (int64_t j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
-                for (int64_t j = 0; j < n; j++) s[j] = exp_approx(s[j] - top);
-                for (int64_t j = 0; j < n; j++) z += s[j];
-                lse[u_idx[r0 + r] * H + h] = top + logf(z);
-                zb[r * H + h] = z;
-            }
-        for (int64_t t = 0; t < rb * H * D; t++) ctx[t] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {  /* contexts, (rb, H * D) */
+            for (int64_t h = 0; h < H; h++)
+                lse[u_idx[r0 + r] * H + h] = top[h * UB + r] + logf(z[h * UB + r]);
+        memset(ctx, 0, sizeof(float) * UB * H * D);
+        for (int64_t j = 0; j < n; j++) {  /* contexts (rb, H, D), a head's D in the lanes */
             to_float(qkv + j * row + 2 * H * D, kv_row, H * D);
-            for (int64_t r = 0; r < rb; r++)
-                for (int64_t h = 0; h < H; h++) {
-                    float e = sc[(r * H + h) * n + j], *c = ctx + r * H * D + h * D;
-                    const float *v = kv_row + h * D;
-                    for (int t = 0; t < D; t++) c[t] += e * v[t];
-                }
-        }
-        for (int64_t r = 0; r < rb; r++) {
-            int64_t i = u_idx[r0 + r];
-            int flip = 0;
             for (int64_t h = 0; h < H; h++) {
-                float *c = ctx + r * H * D + h * D, inv = 1.0f / zb[r * H + h];
-                for (int t = 0; t < D; t++) c[t] *= inv;
-                /* nearest code, and the distance to the held one */
-                float sq = dot_f(c, c);
-                int64_t best = 0;
-                for (int64_t k = 0; k < K; k++) {
-                    part[k] = sqnorm[h * K + k] - 2.0f * dot_f(c, cb + (h * K + k) * D);
-                    if (part[k] < part[best]) best = k;
+                const float *e = sc + (h * n + j) * UB, *v = kv_row + h * D;
+                for (int64_t r = 0; r < rb; r++) {
+                    float *c = ctx + (r * H + h) * D, er = e[r];
+                    for (int t = 0; t < D; t++) c[t] += er * v[t];
                 }
-                float d_best = sqrtf(part[best] + sq > 0.0f ? part[best] + sq : 0.0f);
+            }
+        }
+        memset(ctxt, 0, sizeof(float) * H * D * UB);
+        for (int64_t r = 0; r < rb; r++)  /* normalised, and as (H, D, UB) for the search */
+            for (int64_t h = 0; h < H; h++) {
+                float inv = 1.0f / z[h * UB + r];
+                const float *c = ctx + (r * H + h) * D;
+                for (int t = 0; t < D; t++) ctxt[(h * D + t) * UB + r] = c[t] * inv;
+            }
+        for (int64_t r = 0; r < rb; r++) flipped[r0 + r] = 0;
+        for (int64_t h = 0; h < H; h++) {
+            /* every code's distance to every row's context, up to |ctx|^2: part (K, UB) */
+            const lanes_u *ch = lanes_at(ctxt, h * D);
+            lanes sq = ch[0] * ch[0];
+            for (int t = 1; t < D; t++) sq += ch[t] * ch[t];
+            lanes best_part = (lanes){0.0f} + INFINITY;
+            lanes_int best = {0};
+            for (int64_t k = 0; k < K; k++) {
+                const float *c = cb + (h * K + k) * D;
+                lanes dots = dot_lanes(c, ch);
+                lanes p = sqnorm[h * K + k] - 2.0f * dots;
+                lanes_at(part, k)[0] = p;
+                lanes_int closer = p < best_part;  /* the first nearest, as torch.min */
+                best_part = lanes_select(closer, p, best_part);
+                best = (closer & ((lanes_int){0} + (int32_t)k)) | (~closer & best);
+            }
+            for (int64_t r = 0; r < rb; r++) {  /* hysteresis, per row */
+                int64_t i = u_idx[r0 + r];
+                float d_best = sqrtf(best_part[r] + sq[r] > 0.0f ? best_part[r] + sq[r] : 0.0f);
                 int64_t old = codes[i * H + h];
-                float d_old = old < 0 ? INFINITY
-                                      : sqrtf(part[old] + sq > 0.0f ? part[old] + sq : 0.0f);
+                float p_old = old < 0 ? 0.0f : part[old * UB + r] + sq[r];
+                float d_old = old < 0 ? INFINITY : sqrtf(p_old > 0.0f ? p_old : 0.0f);
                 int64_t code = old;
                 float kept = d_old;
-                if (d_old - d_best > tau) { code = best; kept = d_best; }
-                if (old >= 0 && code != old) flip = 1;
+                if (d_old - d_best > tau) { code = best[r]; kept = d_best; }
+                if (old >= 0 && code != old) flipped[r0 + r] = 1;
                 codes[i * H + h] = code;
                 float room = (tau + gap[h * K + code]) / 2.0f - kept;
                 slack[i * H + h] = (half)(room > min_slack ? room : min_slack);
             }
-            flipped[r0 + r] = (uint8_t)flip;
         }
     }
     return u;
