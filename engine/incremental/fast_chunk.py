@@ -29,6 +29,7 @@ few rows pushed along to make room for their position ids):
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,11 +45,18 @@ from incstream.engine.model.packed_linear import project
 
 STORE = torch.float16  # storage dtype of the kept activations; compute is float32
 F32 = torch.float32
+# Spare rows behind a chunk's Q/K/V on the CPU: an update that inserts tokens moves the rows
+# after the edit along inside the same memory instead of copying the whole (n, 3, H, d) tensor
+# into a new one each layer (~0.6 ms of a typed word's update on the Xeon). Typing inserts a
+# few tokens an edit; 4 rows cost ~220 bytes a token of a full chunk (counted in nbytes).
+SPARE_ROWS = 4
 
 
 @dataclass
 class FastLayer:
-    qkv: torch.Tensor  # (n, 3, H, d) float16: queries, keys, values
+    # (n, 3, H, d) float16: queries, keys, values; on the CPU the first n rows of a larger
+    # buffer (SPARE_ROWS), which the chunk's next update reuses in place (FastSplice)
+    qkv: torch.Tensor
     lse: torch.Tensor  # (n, H) float32
     slack: torch.Tensor  # (n, H) float16: how far the context may still move, held
     codes: torch.Tensor  # (n, H) uint8
@@ -74,6 +82,11 @@ class FastChunk:
     out: torch.Tensor  # (n, C) float16, last hidden state
     pooled: torch.Tensor  # (C,) float64 mean of `out` rows
     edits: int = 0  # incremental updates since the chunk was last built canonically
+    # An update reuses this chunk's Q/K/V memory for the new chunk (with_room): from then on
+    # only the new chunk may be updated. The rest (ids, positions, codes, output, pooled) is
+    # never touched, so this chunk still answers and records as before; an update that did
+    # not finish leaves it `spent`, and the next edit rebuilds it (FastChunks.start).
+    spent: bool = False
 
     @property
     def displacement(self) -> int:
@@ -84,8 +97,9 @@ class FastChunk:
     def nbytes(self) -> int:
         tensors = [self.token_ids, self.position_ids, self.out, self.pooled]
         for layer in self.layers:
-            tensors += [layer.qkv, layer.lse, layer.slack, layer.codes]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            tensors += [layer.lse, layer.slack, layer.codes]
+        qkv = sum(layer.qkv.untyped_storage().nbytes() for layer in self.layers)  # spare too
+        return qkv + sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -111,6 +125,33 @@ def _displacement(position_ids: torch.Tensor) -> int:
 
 def _pooled(out: torch.Tensor) -> torch.Tensor:
     return out.to(torch.float64).mean(0)
+
+
+def with_room(t: torch.Tensor) -> torch.Tensor:
+    """t (n, ...) as the first n rows of a buffer with SPARE_ROWS more (on the CPU)."""
+    if t.device.type != "cpu":
+        return t.contiguous()
+    buf = t.new_empty((len(t) + SPARE_ROWS, *t.shape[1:]))
+    buf[: len(t)] = t
+    return buf[: len(t)]
+
+
+def splice_in_place(t: torch.Tensor, r0: int, r1: int, m: int) -> torch.Tensor | None:
+    """Rows r0..r1 of t replaced by m rows, in t's own buffer: the rows after r1 move to start
+    at r0 + m (one memmove); rows r0..r0+m keep whatever was there (they are written by the
+    caller). None where the buffer has no room for the new row count (or t is not a CPU
+    buffer's leading rows): then the caller copies."""
+    n_old = len(t)
+    n_new = n_old - (r1 - r0) + m
+    row_bytes = t[0].numel() * t.element_size()
+    if (t.device.type != "cpu" or not t.is_contiguous() or t.storage_offset() != 0
+            or n_new * row_bytes > t.untyped_storage().nbytes()):
+        return None
+    if r0 + m != r1 and n_old > r1:
+        base = t.data_ptr()
+        ctypes.memmove(base + (r0 + m) * row_bytes, base + r1 * row_bytes,
+                       (n_old - r1) * row_bytes)
+    return t.as_strided((n_new, *t.shape[1:]), t.stride())
 
 
 def _lookup(fw: FastWeights, layer: int, codes: torch.Tensor, macs: MacCounter) -> torch.Tensor:
@@ -234,8 +275,8 @@ def build_fast_chunk(fw: FastWeights, cfg: FastModeConfig, token_ids: torch.Tens
         codes, slack = _requantize(fw, cfg, layer, ctx, none, macs)
         # row-major like every update's state (_attend and _requantize give head-major views,
         # and the compiled held attention reads rows)
-        layers.append(FastLayer(qkv.to(STORE), lse.contiguous(), slack.to(STORE).contiguous(),
-                                codes.to(torch.uint8).contiguous()))
+        layers.append(FastLayer(with_room(qkv.to(STORE)), with_room(lse),
+                                with_room(slack.to(STORE)), codes.to(torch.uint8).contiguous()))
         x = feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), mcfg.layer_norm_eps,
                                macs)
     out = x.to(STORE)
@@ -271,8 +312,8 @@ def restore_fast_chunk(fw: FastWeights, cfg: FastModeConfig, record: ChunkRecord
         lse, ctx = _attend(*qkv.unbind(1), macs)
         held = codes[layer].long()
         slack = _held_slack(fw, cfg, layer, ctx, held)
-        layers.append(FastLayer(qkv.to(STORE), lse.contiguous(), slack.to(STORE).contiguous(),
-                                codes[layer].to(torch.uint8)))
+        layers.append(FastLayer(with_room(qkv.to(STORE)), with_room(lse),
+                                with_room(slack.to(STORE)), codes[layer].to(torch.uint8)))
         x = feed_forward_block(lw, x, _lookup(fw, layer, held, macs), fw.w.config.layer_norm_eps,
                                macs)
     out = x.to(STORE)
@@ -366,9 +407,12 @@ class FastSplice:
         self.fused = use_fused_kernel(cfg, dev, fw.w.config.head_dim)
         self.report = FastUpdate()
         self.layers: list[FastLayer] = []
-        self.left = self.deleted
+        # old rows whose keys leave every layer from here on: the deleted ones and the kept
+        # rows of S (pushed along; `attend` adds the rows whose code flips)
+        s_src = self.old_src[self.s_idx]
+        self.left = torch.cat([self.deleted, s_src[s_src >= 0]])
 
-    def _splice_rows(self, t: torch.Tensor) -> torch.Tensor:
+    def _splice_rows(self, t: torch.Tensor, room: bool = False) -> torch.Tensor:
         """Old rows (n_old, ...) in the new order: rows before the splice, m placeholder rows,
         rows after it (one cat of slices, cheaper than a gather by index). The placeholders
         are copies of old rows (no zeros to allocate). The inserted rows are in S at every
@@ -377,23 +421,32 @@ class FastSplice:
         their qkv written first), and `result` writes their output rows; so the values never
         reach the answer (tests/engine/test_fast_mode.py compares with zero placeholders)."""
         filler = t[: self.m] if self.m <= len(t) else t.new_zeros((self.m, *t.shape[1:]))
-        return torch.cat([t[: self.r0], filler, t[self.r1 :]])
+        parts = [t[: self.r0], filler, t[self.r1 :]]
+        if not room or t.device.type != "cpu":
+            return torch.cat(parts)
+        buf = t.new_empty((self.n + SPARE_ROWS, *t.shape[1:]))  # (with_room)
+        return torch.cat(parts, out=buf[: self.n])
+
+    def _moved_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The old rows in the new order, in t's own buffer where it has room (splice_in_place;
+        the placeholders then hold stale rows, as `_splice_rows` explains), else copied."""
+        moved = splice_in_place(t, self.r0, self.r1, self.m)
+        return moved if moved is not None else self._splice_rows(t, room=True)
 
     def begin_layer(self, layer: int) -> bool:
         """Carry layer `layer`'s old state into the new row order; False if no row's input
         changed and no key left (the layer is kept as is)."""
         self.report.rows_changed.append(len(self.s_idx))
         old = self.chunk.layers[layer]
-        if self.identity:
-            qkv, lse, slack = old.qkv.clone(), old.lse.clone(), old.slack.clone()
-            codes = old.codes.long()
-        else:  # the kept rows around the m new ones (those are filled in by `attend`)
-            qkv, lse, slack = (self._splice_rows(t) for t in (old.qkv, old.lse, old.slack))
-            codes = self._splice_rows(old.codes).long()
+        # the keys and values that leave, read before the rows move
+        self.kv_left = old.qkv[self.left, 1:].to(F32)
+        codes = old.codes.long() if self.identity else self._splice_rows(old.codes).long()
         codes[self.r0 : self.r0 + self.m] = -1  # the inserted rows have no code yet
+        # Q/K/V, lse and slack: the kept rows move inside the old chunk's buffers where they
+        # have room (rows of S are overwritten by `attend`), else into new buffers with room
+        self.chunk.spent = True
+        qkv, lse, slack = (self._moved_rows(t) for t in (old.qkv, old.lse, old.slack))
         self.qkv, self.lse, self.slack, self.codes = qkv, lse, slack, codes
-        s_src = self.old_src[self.s_idx]
-        self.left = torch.cat([self.deleted, s_src[s_src >= 0]])  # old rows whose keys leave
         if len(self.s_idx) == 0 and len(self.left) == 0:
             self.layers.append(FastLayer(qkv, lse, slack, codes.to(torch.uint8)))
             return False
@@ -403,11 +456,10 @@ class FastSplice:
         """Steps 2-3 with the changed rows' Q/K/V (|S|, 3, H, d): returns (inputs, codes) of
         the rows that need the rest of the block (S, and rows whose code flipped)."""
         fw, macs, report, s_idx = self.fw, self.macs, self.report, self.s_idx
-        old = self.chunk.layers[layer]
         heads, d = fw.w.config.heads, fw.w.config.head_dim
         # The keys and values that came in (the changed rows' new ones) and left (the old ones
         # of the changed and deleted rows).
-        kv = torch.cat([qkv_s[:, 1:], old.qkv[self.left, 1:].to(F32)])  # (J, 2, H, d)
+        kv = torch.cat([qkv_s[:, 1:], self.kv_left])  # (J, 2, H, d)
         j, k_codes = len(kv), fw.codebooks.codes[layer].shape[1]
         if self.fused:
             u_idx, flipped = self._held_attention_fused(layer, qkv_s, kv)
@@ -430,6 +482,7 @@ class FastSplice:
         if len(f_idx):
             x_f = _row_inputs(fw, self.layers, self.ids, self.pos, f_idx, layer, macs)
             self.s_idx, x_in = torch.cat([s_idx, f_idx]), torch.cat([x_in, x_f])
+            self.left = torch.cat([self.left, self.old_src[f_idx]])
         return x_in, self.codes[self.s_idx]
 
     def _held_attention(self, layer: int, qkv_s: torch.Tensor,

@@ -302,6 +302,8 @@ class FastChunks:
         """The update as a FastSplice to run (alone or batched with others), or REFRESH /
         None when the chunk is to be rebuilt."""
         cfg = self.config
+        if chunk.spent:
+            return None  # an update of it did not finish: its Q/K/V are no longer its own
         if cfg.refresh_edits and chunk.edits + 1 >= cfg.refresh_edits:
             return REFRESH  # rebuild canonically
         if prefix + suffix == 0:

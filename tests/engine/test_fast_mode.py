@@ -13,7 +13,7 @@ import torch
 from engine_streams import stream_docs
 
 from incstream.engine import c_kernels
-from incstream.engine.incremental import fast_mode
+from incstream.engine.incremental import fast_chunk, fast_mode
 from incstream.engine.incremental.chunks import ChunkPolicy
 from incstream.engine.incremental.fast_chunk import _move_norm, stable_positions
 from incstream.engine.incremental.fast_mode import (
@@ -26,7 +26,7 @@ from incstream.engine.incremental.fast_mode import (
 )
 from incstream.engine.incremental.session import DocumentSession
 from incstream.engine.model.half_linear import half_available
-from incstream.engine.model.macs import dense_chunk_macs
+from incstream.engine.model.macs import MacCounter, dense_chunk_macs
 
 TEXT = ("Abstract\n========\n\nThis PEP proposes a backwards compatible mechanism that allows "
         "__enter__() methods to skip the body of the associated with statement. The lack of "
@@ -66,6 +66,44 @@ def test_fast_state_is_compact(model, tokenizer):
     per_token = fast.nbytes() / len(fast.tokens.ids)
     assert per_token <= 16_000, per_token
     assert exact.nbytes() > 6 * fast.nbytes()
+
+
+def test_updates_move_rows_in_the_old_buffers_and_answer_as_copies_would(model, tokenizer,
+                                                                         monkeypatch):
+    """An update moves the kept rows' Q/K/V, lse and slack inside the old chunk's buffers while
+    they have room (no copy of the whole chunk a layer) and answers exactly as copying them
+    would; the old chunk keeps its answer and record but is spent: an update of it rebuilds
+    instead of reading rows that moved."""
+    def typed(session: DocumentSession) -> list[torch.Tensor]:
+        at, logits = TEXT.index("The lack"), []
+        for word in ("Notably, ", "this ", "is ", "a ", "small ", "typed ", "change. "):
+            session.apply_ops([{"retain": at}, {"insert": word}])
+            at += len(word)
+            logits.append(session.logits())
+        return logits
+
+    s = DocumentSession(model, tokenizer, TEXT, ChunkPolicy(max_tokens=256), mode="fast")
+    old = s.chunks[0]
+    pooled, record = old.pooled.clone(), s.chunk_records([0])[0]
+    s.apply_ops([{"retain": TEXT.index("The lack")}, {"insert": "Notably, "}])
+    new = s.chunks[0]
+    assert old.spent and not new.spent
+    assert new.layers[0].qkv.data_ptr() == old.layers[0].qkv.data_ptr()  # moved in place
+    again = s.engine.record(old)
+    assert torch.equal(old.pooled, pooled) and again.content == record.content
+    assert torch.equal(again.codes, record.codes)
+    assert torch.equal(again.positions, record.positions)
+    content = list(record.content)
+    assert s.engine.start(old, content[:-1], len(content) - 1, 0, MacCounter()) is None
+
+    moved = DocumentSession(model, tokenizer, TEXT, ChunkPolicy(max_tokens=256), mode="fast")
+    in_place = typed(moved)
+    monkeypatch.setattr(fast_chunk, "splice_in_place", lambda t, r0, r1, m: None)
+    copied = DocumentSession(model, tokenizer, TEXT, ChunkPolicy(max_tokens=256), mode="fast")
+    assert [torch.equal(a, b) for a, b in zip(in_place, typed(copied), strict=True)] == [True] * 7
+    for a, b in zip(moved.chunks[0].layers, copied.chunks[0].layers, strict=True):
+        assert torch.equal(a.qkv, b.qkv) and torch.equal(a.codes, b.codes)
+        assert torch.equal(a.lse, b.lse) and torch.equal(a.slack, b.slack)
 
 
 def test_typed_words_recompute_a_small_part_of_the_chunk(model, tokenizer):
