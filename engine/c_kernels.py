@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,9 +40,13 @@ def compiler() -> str | None:
 
 
 def library_path(source: Path, defines: tuple[str, ...] = ()) -> Path:
-    """Where `source` compiled with `defines` lives: keyed by the source, the flags, the
-    compiler and the machine, so that an edited source or another CPU gets its own build."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(
+    """Where `source` compiled with `defines` lives: keyed by the source and the headers it
+    includes with quotes (engine/kernel_math.h), the flags, the compiler and the machine, so
+    that an edited source or header, or another CPU, gets its own build."""
+    text = source.read_bytes()
+    headers = [(source.parent / name.decode()).read_bytes()
+               for name in re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE)]
+    key = hashlib.sha256(b"".join([text, *headers]) + " ".join(
         [compiler() or "none", *FLAGS, *defines, platform.machine(), _cpu_model()]).encode())
     return kernels_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 

@@ -129,9 +129,10 @@ class Settings(BaseSettings):
     # bfloat16 where the hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX), else
     # float32
     fast_matmul: str | None = None
-    # "auto" (the compiled CPU kernel for the fast mode's held attention where a C compiler
-    # builds it, engine/incremental/held_attention.py), "fused" (that, or an error), "torch"
-    # (the PyTorch reference); unset: the bundle's, else auto
+    # "auto" (compiled CPU kernels for the fast mode's held attention and, with float16
+    # matrices, the rest of each block, where a C compiler builds them:
+    # engine/incremental/held_attention.py, engine/model/half_linear.py), "fused" (that, or an
+    # error), "torch" (the PyTorch references); unset: the bundle's, else auto
     fast_kernel: str | None = None
 
     def engine(self, bundle_engine: dict | None = None):

@@ -39,6 +39,7 @@ import torch
 from incstream.engine.incremental import held_attention
 from incstream.engine.incremental.chunk_record import ChunkRecord
 from incstream.engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
+from incstream.engine.model.half_linear import feed_forward_rows
 from incstream.engine.model.macs import MacCounter
 from incstream.engine.model.minilm import embed, feed_forward_block
 from incstream.engine.model.packed_linear import project
@@ -162,6 +163,22 @@ def _lookup(fw: FastWeights, layer: int, codes: torch.Tensor, macs: MacCounter) 
     summed = torch.nn.functional.embedding_bag(codes.long() + fw.code_offsets,
                                                fw.tables_flat[layer], mode="sum")
     return summed + fw.w.layers[layer].bo
+
+
+def _rest_of_block(fw: FastWeights, layer: int, x: torch.Tensor, codes: torch.Tensor,
+                   fused: bool, macs: MacCounter) -> torch.Tensor:
+    """Step 4 for rows x (m, C) whose attention codes are `codes` (m, H): the attention output
+    (_lookup) and the rest of the block (feed_forward_block), in one compiled call where
+    `fused` and the kernel applies (engine.model.half_linear.feed_forward_rows: float16
+    matrices, a few rows), else in PyTorch. Same MACs either way."""
+    lw, eps = fw.layers[layer], fw.w.config.layer_norm_eps
+    out = feed_forward_rows(x, codes, fw.tables_flat[layer], lw, eps) if fused else None
+    if out is None:
+        return feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), eps, macs)
+    m, heads = codes.shape
+    macs.add_adds(m * heads * fw.w.config.hidden)
+    macs.add("linear", m * (lw.w_up.numel() + lw.w_down.numel()))
+    return out
 
 
 def _code_vectors(fw: FastWeights, layer: int, codes: torch.Tensor) -> torch.Tensor:
@@ -570,7 +587,6 @@ def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
     feed-forward of all their changed rows go through one matmul each per layer (what makes a
     batch of edits cheaper than the same edits one at a time). Each splice's MACs go to its own
     counter; read the results with FastSplice.result()."""
-    eps = fw.w.config.layer_norm_eps
     for layer in range(len(fw.layers)):
         active = [sp for sp in splices if sp.begin_layer(layer)]
         if not active:
@@ -584,8 +600,8 @@ def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
             inputs.append(x_in)
             codes.append(c)
         sizes_out = [len(x) for x in inputs]
-        attn = _lookup(fw, layer, torch.cat(codes), scratch)
-        x_out = feed_forward_block(fw.layers[layer], torch.cat(inputs), attn, eps, scratch)
+        x_out = _rest_of_block(fw, layer, torch.cat(inputs), torch.cat(codes), active[0].fused,
+                               scratch)
         for sp, x in zip(active, x_out.split(sizes_out), strict=True):
             sp.end_layer(x)
         # Each splice is charged for its own rows (what the batched matmuls counted in all).

@@ -60,8 +60,10 @@ MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # "float16": float16 weights, float32 rows and arithmetic (engine.model.half_linear)
 MATMUL_KINDS = (*MATMUL_DTYPES, "float16", "int8")
 MATMUL_CHOICES = (*MATMUL_KINDS, "auto")
-# How held attention (fast_chunk.FastSplice) runs: the compiled CPU kernel
-# (engine.incremental.held_attention), its PyTorch reference, or the kernel where it can.
+# How an update's few-row work runs: compiled CPU kernels (held attention,
+# engine.incremental.held_attention, and with float16 matrices the rest of each block,
+# engine.model.half_linear.feed_forward_rows), their PyTorch references, or the kernels where
+# they can.
 KERNELS = ("auto", "fused", "torch")
 
 
@@ -73,7 +75,7 @@ class FastModeConfig:
     refresh_displacement: int = 16
     shift_limit: int = 2
     matmul: str = "float32"  # or "bfloat16" / "int8": how the linear layers multiply
-    kernel: str = "auto"  # held attention: "fused" C kernel, "torch", or "auto" (fused on CPU)
+    kernel: str = "auto"  # "fused" C kernels, "torch", or "auto" (fused on the CPU)
 
     def __post_init__(self) -> None:
         if self.tau < 0 or self.context_tolerance < 0:

@@ -36,6 +36,8 @@
 #include <immintrin.h>
 #endif
 
+#include "../kernel_math.h"  /* exp_approx */
+
 typedef _Float16 half;
 
 /* float16 -> float32 of `count` values: 16 or 8 at a time with AVX-512 or F16C on x86
@@ -83,18 +85,6 @@ static float *scratch_floats(size_t count) {
 #if D % 4 != 0
 #error "the head width must be a multiple of 4 (dot_lanes)"
 #endif
-
-static inline float exp_approx(float x) {
-    float xc = x < -60.0f ? -60.0f : (x > 88.0f ? 88.0f : x);
-    float k = floorf(xc * 1.44269504f + 0.5f);
-    float r = xc - k * 0.693145752f - k * 1.42860677e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f
-              + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
-    int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x < -60.0f ? 0.0f : p * scale;
-}
 
 /* The lanes of step 3: one float per row of a group (GCC/Clang vector extensions: one AVX-512
  * register, two AVX ones, or plain loops where neither exists). `lanes_u` reads and writes

@@ -116,3 +116,74 @@ void half_linear(int64_t m, int64_t N, int64_t K, const float *x, const half *w,
         }
     }
 }
+
+/* ----- The rest of a transformer block for a few rows, in one call (feed_forward_rows).
+ *
+ * What engine/model/minilm.py's feed_forward_block does after the attention output of the
+ * fast mode (a sum of code table rows): attn = bo + sum_h table[h * K + code[h]];
+ * h = LN1(x + attn); out = LN2(h + W_down GELU(W_up h + b_up) + b_down), with the two products
+ * through half_linear. For the 1-10 rows of a typed word's update, PyTorch spends more on
+ * dispatching these ten operations than on their arithmetic. */
+
+#include <stdlib.h>
+
+#include "../kernel_math.h"  /* exp_approx */
+
+/* GELU(v) = v (1 + erf(v / sqrt 2)) / 2 (PyTorch's exact GELU), erf by Abramowitz and Stegun
+ * 7.1.26 (absolute error below 1.5e-7, float32's own rounding of erf near 1). */
+INLINE float gelu(float v) {
+    float z = v * 0.70710678f, a = fabsf(z);
+    float t = 1.0f / (1.0f + 0.3275911f * a);
+    float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
+                 + t * (-1.453152027f + t * 1.061405429f))));
+    float erf_a = 1.0f - poly * exp_approx(-a * a);  /* 0 below e^-60: erf is 1 there */
+    return 0.5f * v * (1.0f + copysignf(erf_a, z));
+}
+
+/* out = LN(in) with weights w, b over C values (mean and biased variance, as PyTorch) */
+INLINE void layer_norm_row(int64_t C, const float *in, const float *w, const float *b, float eps,
+                           float *out) {
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t c = 0; c < C; c++) mean += in[c];
+    mean /= (float)C;
+    for (int64_t c = 0; c < C; c++) var += (in[c] - mean) * (in[c] - mean);
+    float inv = 1.0f / sqrtf(var / (float)C + eps);
+    for (int64_t c = 0; c < C; c++) out[c] = (in[c] - mean) * inv * w[c] + b[c];
+}
+
+static __thread float *ff_scratch = NULL;
+static __thread size_t ff_scratch_size = 0;
+
+/* m rows: x (m, C) the block's inputs, codes (m, H) their attention codes (head h's code c is
+ * row h * K + c of tables (H * K, C)), bo (C); w_up (F / 32, C, 32) and w_down (C / 32, F, 32)
+ * float16 panels; out (m, C). Returns 0, or -1 without memory. */
+int feed_forward_rows(int64_t m, int64_t C, int64_t F, int64_t H, int64_t K, const float *x,
+                      const int64_t *codes, const float *tables, const float *bo,
+                      const half *w_up, const float *b_up, const half *w_down,
+                      const float *b_down, const float *ln1_w, const float *ln1_b,
+                      const float *ln2_w, const float *ln2_b, float eps, float *out) {
+    size_t floats = (size_t)(m * C + m * F + C);
+    if (floats > ff_scratch_size) {
+        free(ff_scratch);
+        ff_scratch = malloc(sizeof(float) * floats);
+        ff_scratch_size = ff_scratch ? floats : 0;
+        if (!ff_scratch) return -1;
+    }
+    float *h = ff_scratch, *up = h + m * C, *row = up + m * F;
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t c = 0; c < C; c++) row[c] = x[r * C + c] + bo[c];
+        for (int64_t k = 0; k < H; k++) {
+            const float *table = tables + (k * K + codes[r * H + k]) * C;
+            for (int64_t c = 0; c < C; c++) row[c] += table[c];
+        }
+        layer_norm_row(C, row, ln1_w, ln1_b, eps, h + r * C);
+    }
+    half_linear(m, F, C, h, w_up, b_up, up);
+    for (int64_t i = 0; i < m * F; i++) up[i] = gelu(up[i]);
+    half_linear(m, C, F, up, w_down, b_down, out);
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t c = 0; c < C; c++) row[c] = h[r * C + c] + out[r * C + c];
+        layer_norm_row(C, row, ln2_w, ln2_b, eps, out + r * C);
+    }
+    return 0;
+}

@@ -52,9 +52,13 @@ class HalfWeight:
 
 
 def declare(lib: ctypes.CDLL) -> None:
-    """half_linear's C signature: (m, N, K, x, w, b, y) -> void."""
+    """The C signatures: half_linear (m, N, K, x, w, b, y) -> void; feed_forward_rows (see
+    half_linear.c) -> int."""
     lib.half_linear.restype = None
     lib.half_linear.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+    lib.feed_forward_rows.restype = ctypes.c_int
+    lib.feed_forward_rows.argtypes = ([ctypes.c_int64] * 5 + [ctypes.c_void_p] * 12
+                                      + [ctypes.c_float, ctypes.c_void_p])
 
 
 def _load() -> ctypes.CDLL | None:
@@ -100,3 +104,37 @@ def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torc
     lib.half_linear(rows, out_features, in_features, x.data_ptr(), w.panels.data_ptr(),
                     None if bias is None else bias.data_ptr(), y.data_ptr())
     return y
+
+
+def feed_forward_rows(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor,
+                      layer: object, eps: float) -> torch.Tensor | None:
+    """The rest of a fast-mode block for a few rows in one C call (half_linear.c): the
+    attention output of `codes` (m, H) as a sum of rows of `tables` (H * K, C) plus layer.bo,
+    then engine.model.minilm.feed_forward_block with layer's float16 feed-forward matrices.
+    None where the kernel does not apply (no compiler, matrices that are not HalfWeights with
+    panels, more than KERNEL_ROWS rows): then the caller runs the PyTorch version."""
+    w_up, w_down = layer.w_up, layer.w_down
+    rows = x.shape[0]
+    if (not isinstance(w_up, HalfWeight) or not isinstance(w_down, HalfWeight)
+            or w_up.panels is None or w_down.panels is None or not 0 < rows <= KERNEL_ROWS):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    f32 = torch.float32
+    x, tables = x.to(f32).contiguous(), tables.to(f32).contiguous()
+    codes = codes.to(torch.int64).contiguous()
+    vectors = [t.to(f32).contiguous() for t in (layer.bo, layer.b_up, layer.b_down, layer.ln1_w,
+                                                 layer.ln1_b, layer.ln2_w, layer.ln2_b)]
+    bo, b_up, b_down, ln1_w, ln1_b, ln2_w, ln2_b = vectors
+    hidden, ffn = w_down.shape[0], w_up.shape[0]
+    heads = codes.shape[1]
+    out = torch.empty((rows, hidden), dtype=f32)
+    status = lib.feed_forward_rows(
+        rows, hidden, ffn, heads, tables.shape[0] // heads, x.data_ptr(), codes.data_ptr(),
+        tables.data_ptr(), bo.data_ptr(), w_up.panels.data_ptr(), b_up.data_ptr(),
+        w_down.panels.data_ptr(), b_down.data_ptr(), ln1_w.data_ptr(), ln1_b.data_ptr(),
+        ln2_w.data_ptr(), ln2_b.data_ptr(), eps, out.data_ptr())
+    if status != 0:
+        raise MemoryError("feed_forward_rows: out of memory")
+    return out

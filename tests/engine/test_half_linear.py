@@ -101,3 +101,41 @@ def test_the_avx2_and_plain_c_versions_compute_the_same(isa):
                         y.data_ptr())
         want = torch.nn.functional.linear(x, w.half().float(), b)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", [(), ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")],
+                         ids=["native", "plain-c"])
+def test_the_rest_of_a_block_in_one_call_equals_pytorch(model, monkeypatch, isa):
+    """feed_forward_rows (the fast mode's step 4 for a few rows: code table lookup, LayerNorm,
+    float16 feed-forward with GELU, LayerNorm) against the same with PyTorch operations and
+    the float16 products, every layer of the real model, row counts around the register
+    blocks; None where it does not apply (many rows, float32 matrices)."""
+    from incstream.engine.incremental.fast_chunk import _lookup
+    from incstream.engine.incremental.fast_mode import fast_weights
+    from incstream.engine.model.macs import MacCounter
+    from incstream.engine.model.minilm import feed_forward_block
+
+    _require_kernel()
+    if isa:
+        lib = c_kernels.load(half_linear.SOURCE, isa)
+        assert lib is not None
+        half_linear.declare(lib)
+        monkeypatch.setattr(half_linear, "_load", lambda: lib)
+    fw = fast_weights(model, "float16")
+    eps = fw.w.config.layer_norm_eps
+    heads, k = fw.codebooks.codes[0].shape[:2]
+    gen = torch.Generator().manual_seed(3)
+    for layer, lw in enumerate(fw.layers):
+        for rows in (1, 3, 13, KERNEL_ROWS):
+            x = torch.randn(rows, fw.w.config.hidden, generator=gen)
+            codes = torch.randint(0, k, (rows, heads), generator=gen)
+            got = half_linear.feed_forward_rows(x, codes, fw.tables_flat[layer], lw, eps)
+            want = feed_forward_block(lw, x, _lookup(fw, layer, codes, MacCounter()), eps,
+                                      MacCounter())
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    x = torch.randn(KERNEL_ROWS + 1, fw.w.config.hidden)
+    codes = torch.zeros(KERNEL_ROWS + 1, heads, dtype=torch.long)
+    assert half_linear.feed_forward_rows(x, codes, fw.tables_flat[0], fw.layers[0], eps) is None
+    f32 = fast_weights(model, "float32")
+    assert half_linear.feed_forward_rows(x[:2], codes[:2], f32.tables_flat[0], f32.layers[0],
+                                         eps) is None

@@ -112,6 +112,21 @@ def test_the_kernel_is_used_on_the_cpu_for_its_head_width_only():
         FastModeConfig(kernel="cuda")
 
 
+def test_an_edited_shared_header_gets_its_own_library(monkeypatch, tmp_path):
+    """The kernels include engine/kernel_math.h: its bytes are part of their build key, so an
+    edit there is never answered by a library built from the old header."""
+    monkeypatch.setenv("INCSTREAM_HOME", str(tmp_path / "home"))
+    (tmp_path / "model").mkdir()
+    source = tmp_path / "model" / "kernel.c"
+    source.write_text(held_attention.SOURCE.read_text())
+    header = tmp_path / "kernel_math.h"
+    header.write_text((held_attention.SOURCE.parent.parent / "kernel_math.h").read_text())
+    first = c_kernels.library_path(source, held_attention.DEFINES)
+    assert c_kernels.library_path(source, held_attention.DEFINES) == first
+    header.write_text(header.read_text() + "\n/* edited */\n")
+    assert c_kernels.library_path(source, held_attention.DEFINES) != first
+
+
 def test_a_rebuilt_source_gets_its_own_library(monkeypatch, tmp_path):
     monkeypatch.setenv("INCSTREAM_HOME", str(tmp_path))
     first = held_attention.library_path()
