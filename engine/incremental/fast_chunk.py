@@ -582,6 +582,15 @@ def use_fused_kernel(cfg: FastModeConfig, device: torch.device, head_dim: int) -
     return ok
 
 
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of several splices as one tensor (one splice's as they are: no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _parts(t: torch.Tensor, sizes: list[int]) -> Sequence[torch.Tensor]:
+    return (t,) if len(sizes) == 1 else t.split(sizes)
+
+
 def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
     """Advance several chunk updates together, layer by layer: the Q/K/V projection and the
     feed-forward of all their changed rows go through one matmul each per layer (what makes a
@@ -593,16 +602,16 @@ def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
             continue
         sizes = [len(sp.x_s) for sp in active]
         scratch = MacCounter()
-        qkv = _qkv(fw, layer, torch.cat([sp.x_s for sp in active]), scratch)
+        qkv = _qkv(fw, layer, _joined([sp.x_s for sp in active]), scratch)
         inputs, codes = [], []
-        for sp, qkv_s in zip(active, qkv.split(sizes), strict=True):
+        for sp, qkv_s in zip(active, _parts(qkv, sizes), strict=True):
             x_in, c = sp.attend(layer, qkv_s)
             inputs.append(x_in)
             codes.append(c)
         sizes_out = [len(x) for x in inputs]
-        x_out = _rest_of_block(fw, layer, torch.cat(inputs), torch.cat(codes), active[0].fused,
+        x_out = _rest_of_block(fw, layer, _joined(inputs), _joined(codes), active[0].fused,
                                scratch)
-        for sp, x in zip(active, x_out.split(sizes_out), strict=True):
+        for sp, x in zip(active, _parts(x_out, sizes_out), strict=True):
             sp.end_layer(x)
         # Each splice is charged for its own rows (what the batched matmuls counted in all).
         w_qkv, lw = fw.wqkv[layer][0], fw.layers[layer]
