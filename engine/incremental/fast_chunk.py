@@ -479,9 +479,9 @@ class FastSplice:
         kv = torch.cat([qkv_s[:, 1:], self.kv_left])  # (J, 2, H, d)
         j, k_codes = len(kv), fw.codebooks.codes[layer].shape[1]
         if self.fused:
-            u_idx, flipped = self._held_attention_fused(layer, qkv_s, kv)
+            u_idx, flips, f_idx = self._held_attention_fused(layer, qkv_s, kv)
         else:
-            u_idx, flipped = self._held_attention(layer, qkv_s, kv)
+            u_idx, flips, f_idx = self._held_attention(layer, qkv_s, kv)
         u = len(u_idx)
         macs.add("attn_scores", (self.n - len(s_idx)) * j * heads * d)
         # the drift's dot products (_move_norm): values x values, values x codes, rows x J^2
@@ -491,10 +491,9 @@ class FastSplice:
         macs.add("codebook_search", u * heads * k_codes * d)
         report.searched += u * heads
         report.full_rows += u
-        report.code_flips += int(flipped.sum())
+        report.code_flips += flips
         self.layers.append(FastLayer(self.qkv, self.lse, self.slack, self.codes.to(torch.uint8)))
-        # 4. The rest of the block runs for S and the rows whose code changed.
-        f_idx = u_idx[len(s_idx):][flipped[len(s_idx):]]
+        # 4. The rest of the block runs for S and the rows whose code changed (f_idx).
         x_in = self.x_s
         if len(f_idx):
             x_f = _row_inputs(fw, self.layers, self.ids, self.pos, f_idx, layer, macs)
@@ -503,10 +502,11 @@ class FastSplice:
         return x_in, self.codes[self.s_idx]
 
     def _held_attention(self, layer: int, qkv_s: torch.Tensor,
-                        kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        kv: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Steps 2-3 in PyTorch (the reference; held_attention.c is the same in one call).
-        Updates qkv, lse, slack and codes; returns (u_idx, flipped): the rows whose context
-        was recomputed (S first) and whether a held code of theirs was replaced."""
+        Updates qkv, lse, slack and codes; returns (u_idx, flips, f_idx): the rows whose
+        context was recomputed (S first), how many of them had a held code replaced, and those
+        of them outside S."""
         fw, cfg = self.fw, self.cfg
         qkv, lse, codes, s_idx = self.qkv, self.lse, self.codes, self.s_idx
         q_s = qkv_s[:, 0]
@@ -540,14 +540,14 @@ class FastSplice:
         codes[u_idx] = new_codes
         slack[u_idx] = new_slack.to(STORE)
         self.slack = slack
-        return u_idx, flipped
+        m_s = len(s_idx)
+        return u_idx, int(flipped.sum()), u_idx[m_s:][flipped[m_s:]]
 
     def _held_attention_fused(self, layer: int, qkv_s: torch.Tensor,
-                              kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                              kv: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Steps 2-3 in one call of the compiled CPU kernel (engine.incremental.held_attention),
-        same contract as _held_attention."""
+        same contract as _held_attention (the kernel writes the rows of S into qkv too)."""
         fw, cfg = self.fw, self.cfg
-        self.qkv[self.s_idx] = qkv_s.to(STORE)
         unit = float(fw.gap_median[layer])
         return held_attention.held_attention(
             self.qkv, qkv_s, kv, self.lse, self.slack, self.codes, self.s_idx,

@@ -8,7 +8,7 @@
  * fallback). Shapes, with n rows, H heads, d = head width, K codes, J keys that moved:
  *
  *   qkv     (n, 3, H, d) float16   queries, keys, values of the chunk; the changed rows S
- *                                  already hold their new (rounded) values
+ *                                  get their new values (rounded) from qkv_s here first
  *   qkv_s   (m_s, 3, H, d) float32 the changed rows' new queries, keys, values (unrounded)
  *   kv      (J, 2, H, d) float32   keys and values that came in (the first m_s) and left
  *   lse     (n, H) float32         log softmax normaliser of each row's stored context
@@ -25,7 +25,9 @@
  * their context recomputed over all n keys and re-quantized with hysteresis: a code is
  * replaced only by the nearest one when that is closer by more than tau. Outputs: u_idx (the
  * recomputed rows; returns their count), flipped (per recomputed row: some head's code was
- * replaced), and lse, slack and codes updated in place.
+ * replaced), flips[0] (how many recomputed rows flipped), f_rows and flips[1] (the recomputed
+ * rows outside S that flipped, in u_idx order, and their count: they need the rest of the
+ * block), and qkv, lse, slack and codes updated in place.
  */
 
 #include <math.h>
@@ -141,10 +143,11 @@ static inline float dot_f(const float *a, const float *b) {
 }
 
 int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, int64_t J,
-                       const half *qkv, const float *qkv_s, const float *kv, float *lse,
+                       half *qkv, const float *qkv_s, const float *kv, float *lse,
                        half *slack, int64_t *codes, const int64_t *s_idx,
                        const float *cb, const float *sqnorm, const float *gap, float tau,
-                       float min_slack, float scale, int64_t *u_idx, uint8_t *flipped) {
+                       float min_slack, float scale, int64_t *u_idx, uint8_t *flipped,
+                       int64_t *f_rows, int64_t *flips) {
     if (d != D) return -2;
     const int64_t row = 3 * H * D;  /* stride of one row of qkv */
     /* q: a row's queries; w: its weights of the moved keys; then for step 3's groups of UB
@@ -161,7 +164,11 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
     float *ctxt = ctx + UB * H * D, *part = ctxt + H * D * UB, *kv_row = part + K * UB;
     uint8_t *in_s = (uint8_t *)(kv_row + H * D);  /* 1 for the rows of S */
     memset(in_s, 0, (size_t)n);
-    for (int64_t t = 0; t < m_s; t++) in_s[s_idx[t]] = 1;
+    for (int64_t t = 0; t < m_s; t++) {
+        in_s[s_idx[t]] = 1;
+        half *dst = qkv + s_idx[t] * row;  /* the changed rows' new Q/K/V, rounded */
+        for (int64_t c = 0; c < row; c++) dst[c] = (half)qkv_s[t * row + c];
+    }
 
     /* Step 2: what the moved keys did to every other row's context. */
     int64_t u = 0;
@@ -288,6 +295,11 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
                 slack[i * H + h] = (half)(room > min_slack ? room : min_slack);
             }
         }
+    }
+    flips[0] = flips[1] = 0;
+    for (int64_t r = 0; r < u; r++) {
+        flips[0] += flipped[r];
+        if (flipped[r] && r >= m_s) f_rows[flips[1]++] = u_idx[r];
     }
     return u;
 }

@@ -27,7 +27,7 @@ def declare(lib: ctypes.CDLL) -> None:
     fn = lib.held_attention
     fn.restype = ctypes.c_int64
     fn.argtypes = ([ctypes.c_int64] * 6 + [ctypes.c_void_p] * 10 + [ctypes.c_float] * 3
-                   + [ctypes.c_void_p] * 2)
+                   + [ctypes.c_void_p] * 4)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -49,11 +49,12 @@ def library_path() -> Path:
 def held_attention(qkv: torch.Tensor, qkv_s: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor,
                    slack: torch.Tensor, codes: torch.Tensor, s_idx: torch.Tensor,
                    cb: torch.Tensor, sqnorm: torch.Tensor, gap: torch.Tensor, tau: float,
-                   min_slack: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's steps 2-3 in place on lse (n, H) float32, slack (n, H) float16 and codes
-    (n, H) int64 (shapes and meaning in held_attention.c). Returns (u_idx, flipped): the rows
-    whose context was recomputed (S first, then rows whose slack ran out, ascending) and, per
-    such row, whether a held code was replaced."""
+                   min_slack: float) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """One layer's steps 2-3 in place on qkv (n, 3, H, d) float16 (the rows of S take qkv_s,
+    rounded), lse (n, H) float32, slack (n, H) float16 and codes (n, H) int64 (shapes and
+    meaning in held_attention.c). Returns (u_idx, flips, f_idx): the rows whose context was
+    recomputed (S first, then rows whose slack ran out, ascending), how many of them had a
+    held code replaced, and those of them outside S (they need the rest of the block)."""
     lib = _load()
     if lib is None:
         raise RuntimeError("the fused held attention is not available (see available())")
@@ -68,13 +69,15 @@ def held_attention(qkv: torch.Tensor, qkv_s: torch.Tensor, kv: torch.Tensor, lse
     kv = kv.to(torch.float32).contiguous()
     s_idx = s_idx.to(torch.int64).contiguous()
     cb, sqnorm, gap = (t.to(torch.float32).contiguous() for t in (cb, sqnorm, gap))
-    u_idx = torch.empty(n, dtype=torch.int64)
+    rows = torch.empty(2 * n, dtype=torch.int64)  # u_idx, then f_idx
     flipped = torch.empty(n, dtype=torch.uint8)
+    flips = (ctypes.c_int64 * 2)()
     u = lib.held_attention(
         n, heads, d, k, len(s_idx), len(kv),
         qkv.data_ptr(), qkv_s.data_ptr(), kv.data_ptr(), lse.data_ptr(), slack.data_ptr(),
         codes.data_ptr(), s_idx.data_ptr(), cb.data_ptr(), sqnorm.data_ptr(),
-        gap.data_ptr(), tau, min_slack, 1.0 / d ** 0.5, u_idx.data_ptr(), flipped.data_ptr())
+        gap.data_ptr(), tau, min_slack, 1.0 / d ** 0.5, rows.data_ptr(), flipped.data_ptr(),
+        rows.data_ptr() + n * rows.element_size(), flips)
     if u < 0:
         raise MemoryError("held_attention: out of memory")
-    return u_idx[:u], flipped[:u].bool()
+    return rows[:u], flips[0], rows[n : n + flips[1]]
