@@ -142,11 +142,12 @@ def splice_in_place(t: torch.Tensor, r0: int, r1: int, m: int) -> torch.Tensor |
     at r0 + m (one memmove); rows r0..r0+m keep whatever was there (they are written by the
     caller). None where the buffer has no room for the new row count (or t is not a CPU
     buffer's leading rows): then the caller copies."""
+    if t.device.type != "cpu" or t.storage_offset() != 0 or not t.is_contiguous():
+        return None
     n_old = len(t)
     n_new = n_old - (r1 - r0) + m
-    row_bytes = t[0].numel() * t.element_size()
-    if (t.device.type != "cpu" or not t.is_contiguous() or t.storage_offset() != 0
-            or n_new * row_bytes > t.untyped_storage().nbytes()):
+    row_bytes = t.stride(0) * t.element_size()
+    if n_new * row_bytes > t.untyped_storage().nbytes():
         return None
     if r0 + m != r1 and n_old > r1:
         base = t.data_ptr()
@@ -456,9 +457,11 @@ class FastSplice:
         self.report.rows_changed.append(len(self.s_idx))
         old = self.chunk.layers[layer]
         # the keys and values that leave, read before the rows move
-        self.kv_left = old.qkv[self.left, 1:].to(F32)
-        codes = old.codes.long() if self.identity else self._splice_rows(old.codes).long()
-        codes[self.r0 : self.r0 + self.m] = -1  # the inserted rows have no code yet
+        self.kv_left = old.qkv[:, 1:].index_select(0, self.left).to(F32)
+        r0, r1, m = self.r0, self.r1, self.m
+        codes = old.codes.new_full((self.n, old.codes.shape[1]), -1, dtype=torch.long)
+        codes[:r0] = old.codes[:r0]  # the inserted rows r0..r0+m have no code yet (-1)
+        codes[r0 + m :] = old.codes[r1:]
         # Q/K/V, lse and slack: the kept rows move inside the old chunk's buffers where they
         # have room (rows of S are overwritten by `attend`), else into new buffers with room
         self.chunk.spent = True
