@@ -128,13 +128,17 @@ def _pooled(out: torch.Tensor) -> torch.Tensor:
     return out.to(torch.float64).mean(0)
 
 
+def _roomy(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialised (rows, ...) tensor like t, the first rows of a buffer with SPARE_ROWS
+    more."""
+    return t.new_empty((rows + SPARE_ROWS, *t.shape[1:]))[:rows]
+
+
 def with_room(t: torch.Tensor) -> torch.Tensor:
     """t (n, ...) as the first n rows of a buffer with SPARE_ROWS more (on the CPU)."""
     if t.device.type != "cpu":
         return t.contiguous()
-    buf = t.new_empty((len(t) + SPARE_ROWS, *t.shape[1:]))
-    buf[: len(t)] = t
-    return buf[: len(t)]
+    return _roomy(t, len(t)).copy_(t)
 
 
 def splice_in_place(t: torch.Tensor, r0: int, r1: int, m: int) -> torch.Tensor | None:
@@ -384,11 +388,9 @@ def _row_inputs(fw: FastWeights, layers: Sequence[FastLayer], ids: torch.Tensor,
                 pos: torch.Tensor, rows: torch.Tensor, upto: int,
                 macs: MacCounter) -> torch.Tensor:
     """Input of layer `upto` for these rows, from their tokens, ids and codes below it."""
-    eps = fw.w.config.layer_norm_eps
     x = embed(fw.w, ids[rows], pos[rows])
-    for layer in range(upto):
-        attn = _lookup(fw, layer, layers[layer].codes[rows], macs)
-        x = feed_forward_block(fw.layers[layer], x, attn, eps, macs)
+    for layer in range(upto):  # PyTorch: the reference and the compiled path agree on these
+        x = _rest_of_block(fw, layer, x, layers[layer].codes[rows], False, macs)
     return x
 
 
@@ -442,8 +444,7 @@ class FastSplice:
         parts = [t[: self.r0], filler, t[self.r1 :]]
         if not room or t.device.type != "cpu":
             return torch.cat(parts)
-        buf = t.new_empty((self.n + SPARE_ROWS, *t.shape[1:]))  # (with_room)
-        return torch.cat(parts, out=buf[: self.n])
+        return torch.cat(parts, out=_roomy(t, self.n))
 
     def _moved_rows(self, t: torch.Tensor) -> torch.Tensor:
         """The old rows in the new order, in t's own buffer where it has room (splice_in_place;
