@@ -67,11 +67,16 @@ def cli() -> None:
               help="fast mode: rebuild a chunk canonically after N updates (0 = never)")
 @click.option("--refresh-displacement", "fast_refresh_displacement", type=int,
               help="fast mode: rebuild a chunk when a row's id is this far from canonical")
+@click.option("--refresh-margin", "fast_refresh_margin", type=float,
+              help="fast mode: rebuild the drifted chunks when the answer's top two class "
+                   "probabilities are closer than this (0 = never) "
+                   "[INCSTREAM_FAST_REFRESH_MARGIN]")
 @click.option("--matmul", "fast_matmul",
-              type=click.Choice(["float32", "bfloat16", "int8", "auto"]),
-              help="fast mode: how the linear layers multiply (int8: int8 weights and rows, "
-                   "CPU only); auto (default): bfloat16 where the CPU runs it natively, else "
-                   "float32 [INCSTREAM_FAST_MATMUL]")
+              type=click.Choice(["float32", "bfloat16", "float16", "int8", "auto"]),
+              help="fast mode: how the linear layers multiply (float16 / int8: float16 / int8 "
+                   "weights, CPU only); auto (default): bfloat16 where the hardware runs it "
+                   "natively, else float16 where its kernel compiles, else float32 "
+                   "[INCSTREAM_FAST_MATMUL]")
 @click.option("--kernel", "fast_kernel", type=click.Choice(["auto", "fused", "torch"]),
               help="fast mode: held attention as the compiled CPU kernel (fused) or in "
                    "PyTorch; auto (default): fused where a C compiler builds it "

@@ -34,7 +34,11 @@ def bench() -> None:
               help="Fast mode: rebuild a chunk canonically after N updates (0 = never).")
 @click.option("--refresh-displacement", type=int, default=None,
               help="Fast mode: rebuild a chunk when a row's id is this far from canonical.")
-@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "int8", "auto"]),
+@click.option("--refresh-margin", type=float, default=None,
+              help="Fast mode: rebuild the drifted chunks when the answer's top two class "
+                   "probabilities are closer than this (0 = never).")
+@click.option("--matmul",
+              type=click.Choice(["float32", "bfloat16", "float16", "int8", "auto"]),
               default=None,
               help="Fast mode: how the linear layers multiply (int8: int8 weights and "
                    "dynamically quantized rows, CPU only; default: the bundle's "
@@ -61,8 +65,8 @@ def bench() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar or table.")
 def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | None,
                context_tolerance: float | None, refresh_edits: int | None,
-               refresh_displacement: int | None, matmul: str | None, kernel: str | None,
-               threads: int, full_dense_every: int,
+               refresh_displacement: int | None, refresh_margin: float | None,
+               matmul: str | None, kernel: str | None, threads: int, full_dense_every: int,
                model: str,
                device: str, chunk_tokens: int, codebooks: str | None,
                json_out: Path, quiet: bool) -> None:
@@ -78,8 +82,8 @@ def engine_cmd(stream: Path, docs: int, events: int, mode: str, tau: float | Non
     # matmul "auto" included), so that the bench measures what a service runs.
     fast = resolve_mode(None if codebooks else _bundle_engine(model), mode="fast", tau=tau,
                         context_tolerance=context_tolerance, refresh_edits=refresh_edits,
-                        refresh_displacement=refresh_displacement, matmul=matmul,
-                        kernel=kernel)
+                        refresh_displacement=refresh_displacement,
+                        refresh_margin=refresh_margin, matmul=matmul, kernel=kernel)
     result = run_bench(stream, docs=docs, events=events, model_bundle=model, device=device,
                        chunk_tokens=chunk_tokens, codebooks=codebooks, progress=not quiet,
                        mode=mode, fast=fast, full_dense_every=full_dense_every)
@@ -117,7 +121,7 @@ def _setting(value: str) -> float | int | str:
               help="Batch sizes (documents per batched step), comma-separated.")
 @click.option("--rounds", type=int, default=60, show_default=True,
               help="Edits replayed per document.")
-@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "int8", "auto"]),
+@click.option("--matmul", type=click.Choice(["float32", "bfloat16", "float16", "int8", "auto"]),
               default=None,
               help="Fast mode: how the linear layers multiply (int8: int8 weights and "
                    "dynamically quantized rows, CPU only; default: the bundle's "
@@ -231,7 +235,9 @@ def dial_cmd(stream: Path, docs: int, events: int, grid: str, threads: int, mode
                "chunk_cache_macs_mean": peers["chunk_cache"]["macs"]["mean"],
                "label_agreement": div["label_agreement"],
                "max_prob_diff": div["max_prob_diff"], "reference_step": div["reference_step"],
-               "refreshes": result["chunk_refreshes"], "events": result["events"]}
+               "refreshes": result["chunk_refreshes"],
+               "refreshes_near_tie": result["chunk_refreshes_near_tie"],
+               "events": result["events"]}
         rows.append(row)
         click.echo(f"{spec:70s} MACs vs chunk cache {row['chunk_cache_macs_ratio']['median']:5.1f}"
                    f" (mean {row['chunk_cache_macs_mean'] / row['engine_macs_mean']:4.1f}), "

@@ -207,7 +207,8 @@ def describe_mode(mode: Any) -> str:
         return "exact (every answer equals a fresh build of the text)"
     return (f"fast (tau {mode.tau}, context tolerance {mode.context_tolerance}, refresh after "
             f"{mode.refresh_edits} edits or {mode.refresh_displacement} rows of position debt, "
-            f"{mode.matmul} matmuls)")
+            f"drifted chunks rebuilt when the top two classes are within "
+            f"{mode.refresh_margin}, {mode.matmul} matmuls)")
 
 
 def softmax_scores(logits: Sequence[float], labels: Sequence[str]) -> dict[str, float]:

@@ -125,9 +125,11 @@ class Settings(BaseSettings):
     fast_context_tolerance: float | None = None
     fast_refresh_edits: int | None = None
     fast_refresh_displacement: int | None = None
-    # "float32", "bfloat16", "int8" (CPU only) or "auto"; unset: the bundle's, else auto =
-    # bfloat16 where the hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX), else
-    # float32
+    # rebuild the drifted chunks when the answer's top two probabilities are this close
+    fast_refresh_margin: float | None = None
+    # "float32", "bfloat16", "float16" or "int8" (CPU only) or "auto"; unset: the bundle's,
+    # else auto = bfloat16 where the hardware runs it natively (CUDA; CPUs with AVX512-BF16 or
+    # AMX), else float16 where its kernel compiles, else float32
     fast_matmul: str | None = None
     # "auto" (compiled CPU kernels for the fast mode's held attention and, with float16
     # matrices, the rest of each block, where a C compiler builds them:
@@ -143,6 +145,7 @@ class Settings(BaseSettings):
                             context_tolerance=self.fast_context_tolerance,
                             refresh_edits=self.fast_refresh_edits,
                             refresh_displacement=self.fast_refresh_displacement,
+                            refresh_margin=self.fast_refresh_margin,
                             matmul=self.fast_matmul, kernel=self.fast_kernel)
 
     @property

@@ -124,7 +124,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
     label_agree = revisions = 0
     confident = confident_agree = reference_flips = 0
     checked = mismatches = codes_checked = tok_mismatch = noop = sha_mismatch = 0
-    rebuilt = refreshed = n_events = 0
+    rebuilt = refreshed = near_ties = n_events = 0
     max_diff = 0.0
     min_skip_slack = float("inf")
     searched = 0
@@ -197,6 +197,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
                 tok_mismatch += 1
             rebuilt += sum(u.rebuilt for u in report.chunk_updates)
             refreshed += sum(getattr(u, "refreshed", False) for u in report.chunk_updates)
+            near_ties += sum(getattr(u, "near_tie", False) for u in report.chunk_updates)
             for i, u in zip(report.touched, report.chunk_updates, strict=True):
                 min_skip_slack = min(min_skip_slack, u.min_skip_slack)
                 searched += u.searched
@@ -276,6 +277,7 @@ def run_bench(stream: Path, docs: int = 5, events: int = 40, model_bundle: str =
         "noop_edits": noop,
         "chunk_rebuilds": rebuilt,
         "chunk_refreshes": refreshed,
+        "chunk_refreshes_near_tie": near_ties,  # (of chunk_refreshes) refresh_margin's
         "what_ratios_mean": "per edit, peer / engine (higher = the engine does less); edits "
                             "that change no token are left out (noop_edits)",
         "peers": {
@@ -402,7 +404,8 @@ def render_table(result: dict[str, Any]) -> None:
                   f"{dv['max_prob_diff']['max']:.3g}; the reference itself moves by "
                   f"{dv['reference_step']['median']:.3g} (p90 {dv['reference_step']['p90']:.3g})"
                   " per revision"
-                  f"; chunk refreshes {result['chunk_refreshes']}, rebuilds "
+                  f"; chunk refreshes {result['chunk_refreshes']} (near a tie "
+                  f"{result['chunk_refreshes_near_tie']}), rebuilds "
                   f"{result['chunk_rebuilds']}")
     fracs = result["rows_changed_fraction_by_layer"]["mean"]
     console.print("rows changed per layer (mean fraction of a touched chunk): "

@@ -19,7 +19,14 @@ divergence for reuse, with four knobs:
   held) after `refresh_edits` incremental updates, or instead of an update that would leave a
   row's id more than `refresh_displacement` away from its canonical index (judged on the ids
   the update leaves: a chunk edited once and then left alone keeps its ids for good). This
-  bounds how far history can pull a chunk away from a fresh build; 0 disables a trigger.
+  bounds how far history can pull a chunk away from a fresh build; 0 disables a trigger;
+- near ties: after an edit, when the document's two most probable classes are closer than
+  `refresh_margin` (in probability), every chunk updated incrementally at least
+  `near_tie_edits` times since its last build is rebuilt canonically before the answer is
+  read. Drift moves probabilities by a few hundredths (its p90 is ~0.03), so it can flip a
+  label only where the answer is that close to a tie; there the answer is (nearly) a fresh
+  build's. One update's drift is the smallest, so by default a chunk updated once is left
+  (on peps-typing: the same agreement with 16 rebuilds instead of 27). 0 disables it.
 
 Everything runs in float32 and the kept state is float16 (engine.incremental.fast_chunk): only
 what an update needs. A fifth knob, `matmul`, says how the per-row linear layers (Q/K/V and the
@@ -74,25 +81,32 @@ class FastModeConfig:
     refresh_edits: int = 64
     refresh_displacement: int = 16
     shift_limit: int = 2
+    refresh_margin: float = 0.0  # rebuild drifted chunks when the top two probs are this close
+    near_tie_edits: int = 2  # ... those updated at least this often since their last build
     matmul: str = "float32"  # or "bfloat16" / "int8": how the linear layers multiply
     kernel: str = "auto"  # "fused" C kernels, "torch", or "auto" (fused on the CPU)
 
     def __post_init__(self) -> None:
         if self.tau < 0 or self.context_tolerance < 0:
             raise ValueError("tau and context_tolerance must be >= 0")
+        if not 0 <= self.refresh_margin <= 1:
+            raise ValueError("refresh_margin is a probability difference, in [0, 1]")
         if self.matmul not in MATMUL_KINDS:
             raise ValueError(f"matmul must be one of {', '.join(MATMUL_KINDS)}, "
                              f"not {self.matmul!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
-        if self.refresh_edits < 0 or self.refresh_displacement < 0 or self.shift_limit < 0:
-            raise ValueError("refresh budgets and shift_limit must be >= 0")
+        if min(self.refresh_edits, self.refresh_displacement, self.shift_limit) < 0 or \
+                self.near_tie_edits < 1:
+            raise ValueError("refresh budgets and shift_limit must be >= 0, near_tie_edits >= 1")
 
     def as_dict(self) -> dict[str, float | int]:
         return {"tau": self.tau, "context_tolerance": self.context_tolerance,
                 "refresh_edits": self.refresh_edits,
                 "refresh_displacement": self.refresh_displacement,
-                "shift_limit": self.shift_limit, "matmul": self.matmul, "kernel": self.kernel}
+                "shift_limit": self.shift_limit, "refresh_margin": self.refresh_margin,
+                "near_tie_edits": self.near_tie_edits,
+                "matmul": self.matmul, "kernel": self.kernel}
 
 
 def resolve_mode(bundle_engine: dict | None = None, mode: str | None = None,

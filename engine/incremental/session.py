@@ -59,6 +59,7 @@ class ChunkUpdate:
     searched: int = 0
     rebuilt: bool = False
     refreshed: bool = False  # fast mode: rebuilt because a refresh budget was passed
+    near_tie: bool = False  # fast mode: rebuilt because the answer was near a tie (refreshed)
     full_rows: int = 0  # rows whose softmax state was recomputed whole (incl. changed rows)
     rebased: int = 0  # unchanged rows recomputed whole for precision (rebase / cancellation)
     # Smallest margin/2 - drift among (row, head) searches skipped: how close a skipped search
@@ -514,7 +515,38 @@ class DocumentSession:
                 self._sum -= c.pooled.to(torch.float64) * len(c.token_ids)
             for c in new_chunks:
                 self._sum += c.pooled.to(torch.float64) * len(c.token_ids)
-        return touched, updates
+        return self._settle_near_tie(touched, updates, plan.macs)
+
+    def _settle_near_tie(self, touched: list[int], updates: list[Any],
+                         macs: MacCounter) -> tuple[list[int], list[Any]]:
+        """Fast mode's near-tie refresh (FastModeConfig.refresh_margin): when the answer's two
+        most probable classes are closer than the margin, rebuild every chunk that carries
+        drift (updated incrementally at least `near_tie_edits` times since its last build), so
+        the label is a fresh build's where drift could flip it. Returns the edit's touched
+        indices and updates with the rebuilt chunks added (their records must be written
+        too), in document order."""
+        cfg = getattr(self.engine, "config", None)
+        margin = cfg.refresh_margin if cfg is not None else 0.0
+        if not margin:
+            return touched, updates
+        probs = torch.softmax(self.logits().to(torch.float64), -1)
+        if probs.numel() < 2:
+            return touched, updates
+        top = probs.topk(2).values
+        if float(top[0] - top[1]) >= margin:
+            return touched, updates
+        by_index = dict(zip(touched, updates, strict=True))
+        for i, chunk in enumerate(self.chunks):
+            if chunk.edits < cfg.near_tie_edits:
+                continue  # built canonically (no drift), or too few updates since to matter
+            fresh = self._build(chunk.token_ids[1:-1].tolist(), macs)
+            rows = len(chunk.token_ids)
+            self._sum += (fresh.pooled.to(torch.float64) - chunk.pooled.to(torch.float64)) * rows
+            self.chunks[i] = fresh
+            by_index[i] = ChunkUpdate([rows] * self.model.cfg.layers, 0, True, refreshed=True,
+                                      near_tie=True)
+        order = sorted(by_index)
+        return order, [by_index[i] for i in order]
 
     # ----- checking
     def reference_check(self, indices: Sequence[int] | None = None) -> dict[str, float]:

@@ -160,6 +160,86 @@ def test_displacement_budget_triggers_a_refresh(model, tokenizer):
     assert any(refreshed) and not refreshed[0] and refreshed[-1]
 
 
+def _two_drifted_chunks(model, tokenizer, margin: float = 0.0, near_tie_edits: int = 1):
+    """A session of several chunks in which two far-apart chunks were updated (so carry
+    drift: the first twice, the far one once), and the ops of a third typed word in the
+    first, with the near-tie margin set to `margin` for that word only."""
+    from dataclasses import replace
+
+    # (no two chunks alike: a store of chunk records keys them by content)
+    text = "\n".join([TEXT, " ".join(reversed(TEXT.split())), " ".join(sorted(TEXT.split()))])
+    cfg = FastModeConfig(refresh_edits=0, refresh_displacement=0)
+    s = DocumentSession(model, tokenizer, text, ChunkPolicy(max_tokens=64), mode=cfg)
+    s.apply_ops([{"retain": s.text.index("The lack")}, {"insert": "Notably, "}])
+    s.apply_ops([{"retain": s.text.index("The lack")}, {"insert": "now "}])
+    s.apply_ops([{"retain": s.text.rindex("yield")}, {"insert": "simply "}])
+    s.engine.config = replace(cfg, refresh_margin=margin, near_tie_edits=near_tie_edits)
+    return s, [{"retain": s.text.index("The lack")}, {"insert": "so "}]
+
+
+def _top_two_gap(session: DocumentSession) -> float:
+    top = torch.softmax(session.logits().to(torch.float64), -1).topk(2).values
+    return float(top[0] - top[1])
+
+
+def _near_tie_rebuilt(report) -> list[int]:
+    """The chunks an edit reports rebuilt for a near tie (among those it touched)."""
+    return [i for i, u in zip(report.touched, report.chunk_updates, strict=True)
+            if getattr(u, "near_tie", False)]
+
+
+def test_near_tie_refresh_rebuilds_every_drifted_chunk_only_near_a_tie(model, tokenizer):
+    # The answer's top-two gap after the third word, with nothing refreshed (margin 0).
+    plain, ops = _two_drifted_chunks(model, tokenizer)
+    plain.apply_ops(ops)
+    drifted = [i for i, c in enumerate(plain.chunks) if c.edits]
+    assert [plain.chunks[i].edits for i in drifted] == [3, 1]  # the typed chunk, the far one
+    gap = _top_two_gap(plain)
+    # A margin just under that gap: the answer is not near a tie, nothing is rebuilt.
+    under, ops = _two_drifted_chunks(model, tokenizer, margin=gap * (1 - 1e-6))
+    report = under.apply_ops(ops)
+    assert [c.edits for c in under.chunks] == [c.edits for c in plain.chunks]
+    assert not any(getattr(u, "near_tie", False) for u in report.chunk_updates)
+    assert torch.equal(under.logits(), plain.logits())
+    # Just over it, counting chunks updated twice or more: the typed chunk is rebuilt, the
+    # far one (one update) is left.
+    twice, ops = _two_drifted_chunks(model, tokenizer, gap * (1 + 1e-6), near_tie_edits=2)
+    report = twice.apply_ops(ops)
+    assert [c.edits for c in twice.chunks] == [0 if i == drifted[0] else c.edits
+                                              for i, c in enumerate(plain.chunks)]
+    assert _near_tie_rebuilt(report) == drifted[:1]
+    # Counting every update: every drifted chunk is rebuilt canonically, the far one
+    # included, and the edit reports them all (a store of chunk records must write each).
+    over, ops = _two_drifted_chunks(model, tokenizer, margin=gap * (1 + 1e-6))
+    store = {r.content: r for r in over.chunk_records()}
+    report = over.apply_ops(ops)
+    assert all(c.edits == 0 for c in over.chunks)
+    assert _near_tie_rebuilt(report) == drifted
+    assert all(u.rebuilt and u.refreshed for u in report.chunk_updates if u.near_tie)
+    # The answer is now a fresh build's (up to the running sum's rounding) ...
+    fresh = DocumentSession(model, tokenizer, over.text, ChunkPolicy(max_tokens=64),
+                            mode=over.engine.config)
+    assert torch.allclose(over.logits(), fresh.logits(), atol=1e-5)
+    # ... and what the edit reports brings the session back, as a worker's store would.
+    for content in report.removed:
+        store.pop(content, None)
+    store.update({r.content: r for r in over.chunk_records(report.touched)})
+    back = DocumentSession(model, tokenizer, over.text, ChunkPolicy(max_tokens=64),
+                           mode=over.engine.config, records=list(store.values()))
+    assert back.restored_chunks == len(over.chunks) == len(store)
+    for a, b in zip(back.chunks, over.chunks, strict=True):
+        assert all(torch.equal(x.codes, y.codes) for x, y in zip(a.layers, b.layers,
+                                                                  strict=True))
+
+
+def test_refresh_margin_is_a_probability_difference():
+    with pytest.raises(ValueError, match="refresh_margin"):
+        FastModeConfig(refresh_margin=1.5)
+    with pytest.raises(ValueError, match="near_tie_edits"):
+        FastModeConfig(near_tie_edits=0)
+    assert FastModeConfig(refresh_margin=0.06).as_dict()["refresh_margin"] == 0.06
+
+
 def test_mode_resolution():
     assert resolve_mode(None) == "exact"
     assert resolve_mode({"mode": "fast", "fast": {"tau": 0.7}}).tau == 0.7
