@@ -3,7 +3,7 @@
 Exact mode keeps every chunk equal to a fresh build of its tokens (canonical positions, nearest
 codes), which costs little less than re-running the chunk: an insertion renumbers every later
 row, and most codes inside the chunk flip by layer 1. The fast mode trades a measured, bounded
-divergence for reuse, with four knobs:
+divergence for reuse, with five knobs:
 
 - stable position ids: an inserted row takes a free id between its neighbours (or, at the end
   of a chunk, pushes at most `shift_limit` following rows along), else duplicates the id on its
@@ -29,7 +29,7 @@ divergence for reuse, with four knobs:
   (on peps-typing: the same agreement with 16 rebuilds instead of 27). 0 disables it.
 
 Everything runs in float32 and the kept state is float16 (engine.incremental.fast_chunk): only
-what an update needs. A fifth knob, `matmul`, says how the per-row linear layers (Q/K/V and the
+what an update needs. A sixth knob, `matmul`, says how the per-row linear layers (Q/K/V and the
 feed-forward) multiply: float32; bfloat16 with float32 accumulation (2-4x faster on CPUs with
 AVX512-BF16 or AMX, at a small measured cost in divergence); or int8 (CPU only: int8 weights
 and dynamically quantized rows, engine.model.int8_linear; a quarter of the weight bytes, for
