@@ -336,6 +336,11 @@ def chunk_mode(model: VQModel, mode: str | FastModeConfig | None) -> ExactChunks
     raise ValueError(f"unknown engine mode {mode!r} (exact or fast)")
 
 
+def _row_weighted(chunk: ChunkActivations | FastChunk) -> torch.Tensor:
+    """A chunk's pooled vector times its rows (float64): its share of the document's sum."""
+    return chunk.pooled.to(torch.float64) * len(chunk.token_ids)
+
+
 class DocumentSession:
     """Incremental VQ inference state of one document."""
 
@@ -401,7 +406,7 @@ class DocumentSession:
 
     def _exact_sum(self) -> torch.Tensor:
         """Sum over chunks of pooled x rows (float64): the document vector times its rows."""
-        return sum((c.pooled.to(torch.float64) * len(c.token_ids) for c in self.chunks),
+        return sum((_row_weighted(c) for c in self.chunks),
                    torch.zeros(self.model.cfg.hidden, dtype=torch.float64,
                                device=self.model.device))
 
@@ -498,9 +503,7 @@ class DocumentSession:
             if done is not None and done is not REFRESH:
                 acts, update = done
             else:
-                acts = self._build(slot.content, plan.macs)
-                update = ChunkUpdate([len(acts.token_ids)] * self.model.cfg.layers, 0, True,
-                                     refreshed=done is REFRESH)
+                acts, update = self._rebuild(slot.content, plan.macs, refreshed=done is REFRESH)
             new_chunks.append(acts)
             updates.append(update)
         first, replaced = plan.first, plan.replaced
@@ -512,10 +515,17 @@ class DocumentSession:
             self._sum, self._edits_since_sum = self._exact_sum(), 0
         else:
             for c in old_region:
-                self._sum -= c.pooled.to(torch.float64) * len(c.token_ids)
+                self._sum -= _row_weighted(c)
             for c in new_chunks:
-                self._sum += c.pooled.to(torch.float64) * len(c.token_ids)
+                self._sum += _row_weighted(c)
         return self._settle_near_tie(touched, updates, plan.macs)
+
+    def _rebuild(self, content: Sequence[int], macs: MacCounter, refreshed: bool = False,
+                 near_tie: bool = False) -> tuple[ChunkActivations | FastChunk, ChunkUpdate]:
+        """A chunk built from scratch, and the update that reports it (every row recomputed)."""
+        acts = self._build(content, macs)
+        return acts, ChunkUpdate([len(acts.token_ids)] * self.model.cfg.layers, 0, True,
+                                 refreshed=refreshed, near_tie=near_tie)
 
     def _settle_near_tie(self, touched: list[int], updates: list[Any],
                          macs: MacCounter) -> tuple[list[int], list[Any]]:
@@ -525,26 +535,23 @@ class DocumentSession:
         the label is a fresh build's where drift could flip it. Returns the edit's touched
         indices and updates with the rebuilt chunks added (their records must be written
         too), in document order."""
-        cfg = getattr(self.engine, "config", None)
-        margin = cfg.refresh_margin if cfg is not None else 0.0
-        if not margin:
+        if not isinstance(self.engine, FastChunks) or not self.engine.config.refresh_margin:
             return touched, updates
+        cfg = self.engine.config
         probs = torch.softmax(self.logits().to(torch.float64), -1)
         if probs.numel() < 2:
             return touched, updates
         top = probs.topk(2).values
-        if float(top[0] - top[1]) >= margin:
+        if float(top[0] - top[1]) >= cfg.refresh_margin:
             return touched, updates
         by_index = dict(zip(touched, updates, strict=True))
         for i, chunk in enumerate(self.chunks):
             if chunk.edits < cfg.near_tie_edits:
                 continue  # built canonically (no drift), or too few updates since to matter
-            fresh = self._build(chunk.token_ids[1:-1].tolist(), macs)
-            rows = len(chunk.token_ids)
-            self._sum += (fresh.pooled.to(torch.float64) - chunk.pooled.to(torch.float64)) * rows
+            fresh, by_index[i] = self._rebuild(chunk.token_ids[1:-1].tolist(), macs,
+                                               refreshed=True, near_tie=True)
+            self._sum += _row_weighted(fresh) - _row_weighted(chunk)
             self.chunks[i] = fresh
-            by_index[i] = ChunkUpdate([rows] * self.model.cfg.layers, 0, True, refreshed=True,
-                                      near_tie=True)
         order = sorted(by_index)
         return order, [by_index[i] for i in order]
 
