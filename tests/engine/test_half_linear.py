@@ -139,3 +139,24 @@ def test_the_rest_of_a_block_in_one_call_equals_pytorch(model, monkeypatch, isa)
     f32 = fast_weights(model, "float32")
     assert half_linear.feed_forward_rows(x[:2], codes[:2], f32.tables_flat[0], f32.layers[0],
                                          eps) is None
+
+
+def test_the_rest_of_a_block_counts_the_same_macs_in_c_and_in_pytorch(model):
+    """fast_chunk._rest_of_block counts the compiled call's MACs by hand (the kernel cannot
+    reach the counter): they must be what the PyTorch path counts, so that the fast mode's
+    MACs do not depend on which kernel ran."""
+    from incstream.engine.incremental.fast_chunk import _rest_of_block
+    from incstream.engine.incremental.fast_mode import fast_weights
+    from incstream.engine.model.macs import MacCounter
+
+    _require_kernel()
+    fw = fast_weights(model, "float16")
+    heads, k = fw.codebooks.codes[0].shape[:2]
+    x = torch.randn(3, fw.w.config.hidden)
+    codes = torch.randint(0, k, (3, heads))
+    counted = []
+    for fused in (True, False):
+        macs = MacCounter()
+        _rest_of_block(fw, 2, x, codes, fused, macs)
+        counted.append(macs.as_dict())
+    assert counted[0] == counted[1] and counted[0]["total"] > 0, counted
