@@ -142,6 +142,102 @@ static inline float dot_f(const float *a, const float *b) {
     return s;
 }
 
+#ifdef __AVX512F__
+/* Step 3 one row at a time, for groups of at most ROW_PATH_MAX rows (a typed word's update
+ * recomputes ~3 rows a layer): the group path below keeps 16 rows in the lanes of a vector, so
+ * for 3 rows it computes 13 lanes of nothing. Here the lanes hold 16 keys instead: the score
+ * of each key is its query . key product folded into 16 partial sums (two vectors of D = 32),
+ * and sum16 adds 16 such vectors lane by lane into one vector of 16 scores. */
+#define ROW_PATH_MAX 6
+
+/* The lane sums of 16 vectors as one vector: lane 4k + l holds the sum of p[4l + k] (callers
+ * store key jj's partial sums at p[4 (jj % 4) + jj / 4], so lane jj holds key jj's score).
+ * Four rounds of "add the two halves of a pair of vectors, each half into its own slot". */
+static inline __m512 sum16(const __m512 *p) {
+    __m512 t[8], u[4], v[2];
+    for (int i = 0; i < 8; i++)  /* 256-bit halves: t[i] = p[2i] folded | p[2i+1] folded */
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)  /* 128-bit blocks: block k of u[i] sums to p[4i + k] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)  /* pairs inside each block */
+        v[i] = _mm512_add_ps(_mm512_unpacklo_ps(u[2 * i], u[2 * i + 1]),
+                             _mm512_unpackhi_ps(u[2 * i], u[2 * i + 1]));
+    return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+static inline __m512 load_half16(const half *src) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)src));
+}
+
+/* One row's whole context in every head over all n keys and values of qkv: qs its scaled
+ * queries (H * D); writes the score maxima top (H), the normalisers z (H, of exp(score - top))
+ * and the unnormalised contexts ctx (H * D), as the group path does for one lane; scores is
+ * scratch for n floats. */
+static void context_of_row(int64_t n, int64_t H, const half *qkv, const float *qs,
+                           float *scores, float *top, float *z, float *ctx) {
+    const int64_t row = 3 * H * D;
+    for (int64_t h = 0; h < H; h++) {
+        const half *keys = qkv + H * D + h * D, *vals = qkv + 2 * H * D + h * D;
+        __m512 q0 = _mm512_loadu_ps(qs + h * D), q1 = _mm512_loadu_ps(qs + h * D + 16);
+        __m512 top16 = _mm512_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+            __m512 p[16];
+            for (int jj = 0; jj < 16; jj++) {
+                const half *k = keys + (j + jj) * row;
+                p[4 * (jj % 4) + jj / 4] = _mm512_fmadd_ps(q1, load_half16(k + 16),
+                                                           _mm512_mul_ps(q0, load_half16(k)));
+            }
+            __m512 s = sum16(p);
+            _mm512_storeu_ps(scores + j, s);
+            top16 = _mm512_max_ps(top16, s);
+        }
+        float m = _mm512_reduce_max_ps(top16);
+        for (; j < n; j++) {  /* the last n % 16 keys */
+            __m512 prod = _mm512_fmadd_ps(q1, load_half16(keys + j * row + 16),
+                                          _mm512_mul_ps(q0, load_half16(keys + j * row)));
+            scores[j] = _mm512_reduce_add_ps(prod);
+            m = scores[j] > m ? scores[j] : m;
+        }
+        __m512 sum16v = _mm512_setzero_ps();
+        j = 0;
+        for (; j + 16 <= n; j += 16) {
+            __m512 e = (__m512)lanes_exp((lanes)(_mm512_loadu_ps(scores + j) - m));
+            _mm512_storeu_ps(scores + j, e);
+            sum16v = _mm512_add_ps(sum16v, e);
+        }
+        float sum = _mm512_reduce_add_ps(sum16v);
+        for (; j < n; j++) {
+            scores[j] = exp_approx(scores[j] - m);
+            sum += scores[j];
+        }
+        /* two pairs of accumulators, so that each multiply-add waits on the one two keys back */
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        j = 0;
+        for (; j + 2 <= n; j += 2) {
+            __m512 e0 = _mm512_set1_ps(scores[j]), e1 = _mm512_set1_ps(scores[j + 1]);
+            const half *v0 = vals + j * row, *v1 = v0 + row;
+            a0 = _mm512_fmadd_ps(e0, load_half16(v0), a0);
+            a1 = _mm512_fmadd_ps(e0, load_half16(v0 + 16), a1);
+            b0 = _mm512_fmadd_ps(e1, load_half16(v1), b0);
+            b1 = _mm512_fmadd_ps(e1, load_half16(v1 + 16), b1);
+        }
+        if (j < n) {
+            __m512 e0 = _mm512_set1_ps(scores[j]);
+            a0 = _mm512_fmadd_ps(e0, load_half16(vals + j * row), a0);
+            a1 = _mm512_fmadd_ps(e0, load_half16(vals + j * row + 16), a1);
+        }
+        _mm512_storeu_ps(ctx + h * D, _mm512_add_ps(a0, b0));
+        _mm512_storeu_ps(ctx + h * D + 16, _mm512_add_ps(a1, b1));
+        top[h] = m;
+        z[h] = sum;
+    }
+}
+#endif
+
 int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, int64_t J,
                        half *qkv, const float *qkv_s, const float *kv, float *lse,
                        half *slack, int64_t *codes, const int64_t *s_idx,
@@ -212,6 +308,22 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
      * harmless numbers that nothing reads. */
     for (int64_t r0 = 0; r0 < u; r0 += UB) {
         int64_t rb = u - r0 < UB ? u - r0 : UB;
+#ifdef __AVX512F__
+        if (rb <= ROW_PATH_MAX) {  /* a few rows: one at a time, keys in the lanes */
+            for (int64_t r = 0; r < rb; r++) {
+                const float *qr = q;
+                if (r0 + r < m_s) qr = qkv_s + (r0 + r) * row;
+                else to_float(qkv + u_idx[r0 + r] * row, q, H * D);
+                for (int64_t t = 0; t < H * D; t++) qt[t] = qr[t] * scale;
+                context_of_row(n, H, qkv, qt, sc, kv_row, kv_row + H, ctx + r * H * D);
+                for (int64_t h = 0; h < H; h++) {
+                    top[h * UB + r] = kv_row[h];
+                    z[h * UB + r] = kv_row[H + h];
+                }
+            }
+            goto contexts_done;
+        }
+#endif
         memset(qt, 0, sizeof(float) * H * D * UB);
         for (int64_t r = 0; r < rb; r++) {  /* the group's queries, scaled, as (H, D, UB) */
             const float *qr = q;
@@ -242,9 +354,6 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
             }
             lanes_at(z, h)[0] = sum;
         }
-        for (int64_t r = 0; r < rb; r++)
-            for (int64_t h = 0; h < H; h++)
-                lse[u_idx[r0 + r] * H + h] = top[h * UB + r] + logf(z[h * UB + r]);
         memset(ctx, 0, sizeof(float) * UB * H * D);
         for (int64_t j = 0; j < n; j++) {  /* contexts (rb, H, D), a head's D in the lanes */
             to_float(qkv + j * row + 2 * H * D, kv_row, H * D);
@@ -256,6 +365,12 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
                 }
             }
         }
+#ifdef __AVX512F__
+    contexts_done:
+#endif
+        for (int64_t r = 0; r < rb; r++)
+            for (int64_t h = 0; h < H; h++)
+                lse[u_idx[r0 + r] * H + h] = top[h * UB + r] + logf(z[h * UB + r]);
         memset(ctxt, 0, sizeof(float) * H * D * UB);
         for (int64_t r = 0; r < rb; r++)  /* normalised, and as (H, D, UB) for the search */
             for (int64_t h = 0; h < H; h++) {
