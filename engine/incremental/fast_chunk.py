@@ -39,7 +39,7 @@ import torch
 from incstream.engine.incremental import held_attention
 from incstream.engine.incremental.chunk_record import ChunkRecord
 from incstream.engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
-from incstream.engine.model.half_linear import feed_forward_rows
+from incstream.engine.model.half_linear import run_feed_forward_rows
 from incstream.engine.model.macs import MacCounter
 from incstream.engine.model.minilm import embed, feed_forward_block
 from incstream.engine.model.packed_linear import project
@@ -174,10 +174,11 @@ def _rest_of_block(fw: FastWeights, layer: int, x: torch.Tensor, codes: torch.Te
                    fused: bool, macs: MacCounter) -> torch.Tensor:
     """Step 4 for rows x (m, C) whose attention codes are `codes` (m, H): the attention output
     (_lookup) and the rest of the block (feed_forward_block), in one compiled call where
-    `fused` and the kernel applies (engine.model.half_linear.feed_forward_rows: float16
+    `fused` and the kernel applies (engine.model.half_linear.run_feed_forward_rows: float16
     matrices, a few rows), else in PyTorch. Same MACs either way."""
     lw, eps = fw.layers[layer], fw.w.config.layer_norm_eps
-    out = feed_forward_rows(x, codes, fw.tables_flat[layer], lw, eps) if fused else None
+    prepared = fw.feed_forward_kernels[layer] if fused and fw.feed_forward_kernels else None
+    out = run_feed_forward_rows(x, codes, prepared) if prepared is not None else None
     if out is None:
         return feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), eps, macs)
     m, heads = codes.shape
@@ -554,9 +555,9 @@ class FastSplice:
         fw, cfg = self.fw, self.cfg
         unit = float(fw.gap_median[layer])
         return held_attention.held_attention(
-            self.qkv, qkv_s, kv, self.lse, self.slack, self.codes, self.s_idx,
-            fw.codebooks.codes[layer], fw.codebooks.sqnorm[layer], fw.code_gap[layer],
-            tau=cfg.tau * unit, min_slack=cfg.context_tolerance * unit)
+            self.qkv, qkv_s.contiguous(), kv, self.lse, self.slack, self.codes, self.s_idx,
+            fw.codebook_kernels[layer], tau=cfg.tau * unit,
+            min_slack=cfg.context_tolerance * unit)
 
     def end_layer(self, x_out: torch.Tensor) -> None:
         self.x_s = x_out

@@ -48,8 +48,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from incstream.engine.incremental.held_attention import prepare_codebooks
 from incstream.engine.model.codebooks import Codebooks
-from incstream.engine.model.half_linear import HalfWeight, half_available, half_weight
+from incstream.engine.model.half_linear import (
+    HalfWeight,
+    half_available,
+    half_weight,
+    prepare_feed_forward_rows,
+)
 from incstream.engine.model.int8_linear import Int8Weight, int8_available, quantize
 from incstream.engine.model.minilm import (
     MiniLMWeights,
@@ -182,6 +188,9 @@ class FastWeights:
     code_offsets: torch.Tensor  # (H,) long: h*K
     code_gap: torch.Tensor  # (layers, H, K) distance from each code to its nearest other code
     gap_median: torch.Tensor  # (layers,) median of code_gap per layer: tau's unit
+    # per layer: codebooks, their squared norms and gaps as the compiled held attention reads
+    # them (engine.incremental.held_attention.CodebookConstants; on the CPU only)
+    codebook_kernels: list
     # per layer Q, K, V stacked: (3C, C), (3C,); the matrix packed for oneDNN where it can be
     wqkv: list[tuple[torch.Tensor | PackedWeight | Int8Weight | HalfWeight, torch.Tensor]]
     # The layers the fast mode computes with: copies of `w.layers` whose feed-forward matrices
@@ -190,6 +199,9 @@ class FastWeights:
     # wqkv likewise. (Q, K, V go through wqkv, the output
     # projection through the lookup tables: only the feed-forward pair is read here.)
     layers: list = field(default_factory=list)
+    # per layer, for matmul "float16": the compiled rest of a block's constants
+    # (engine.model.half_linear.FeedForwardRows; None where its kernel does not apply)
+    feed_forward_kernels: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -211,7 +223,10 @@ def _with_matmul(fw: FastWeights, matmul: str) -> FastWeights:
                              "$CC); use float32 or bfloat16 here")
         wqkv = [(half_weight(w), b) for w, b in fw.wqkv]
         layers = with_half_matrices(fw.w, ("w_up", "w_down")).layers
-        return replace(fw, layers=layers, wqkv=wqkv)
+        heads, eps = fw.codebooks.codes.shape[1], fw.w.config.layer_norm_eps
+        kernels = [prepare_feed_forward_rows(tables, lw, heads, eps)
+                   for tables, lw in zip(fw.tables_flat, layers, strict=True)]
+        return replace(fw, layers=layers, wqkv=wqkv, feed_forward_kernels=kernels)
     if matmul == "int8":  # (engine.model.int8_linear: each matrix with its bias)
         if fw.w.device.type != "cpu" or not int8_available():
             raise ValueError("matmul int8 runs on the CPU with fbgemm only; use float32 or "
@@ -242,9 +257,13 @@ def _fast_weights32(model) -> FastWeights:
     wqkv = [(torch.cat([lw.wq, lw.wk, lw.wv]), torch.cat([lw.bq, lw.bk, lw.bv]))
             for lw in w32.layers]
     heads, k = codes.shape[1], codes.shape[2]
+    kernels = ([prepare_codebooks(cb, sq, g)
+                for cb, sq, g in zip(codes, codebooks.sqnorm, gap, strict=True)]
+               if codes.device.type == "cpu" else [])
     return FastWeights(w32, codebooks,
                        tables_flat=[t.to(torch.float32).flatten(0, 1).contiguous()
                                     for t in model.tables],
                        codes_flat=[c.flatten(0, 1).contiguous() for c in codes],
                        code_offsets=torch.arange(heads, device=codes.device) * k,
-                       code_gap=gap, gap_median=gap.flatten(1).median(-1).values, wqkv=wqkv)
+                       code_gap=gap, gap_median=gap.flatten(1).median(-1).values,
+                       codebook_kernels=kernels, wqkv=wqkv)

@@ -11,6 +11,7 @@ two, layer by layer).
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,38 +47,56 @@ def library_path() -> Path:
     return c_kernels.library_path(SOURCE, DEFINES)
 
 
+@dataclass(frozen=True, eq=False)
+class CodebookConstants:
+    """One layer's codebooks as the kernel reads them, converted once (an update calls the
+    kernel every layer): cb (H, K, d), sqnorm and gap (H, K), float32, contiguous. `keep`
+    holds the tensors that `pointers` point into."""
+
+    codes_per_head: int
+    keep: tuple[torch.Tensor, ...]
+    pointers: tuple[int, int, int]
+
+
+def prepare_codebooks(cb: torch.Tensor, sqnorm: torch.Tensor,
+                      gap: torch.Tensor) -> CodebookConstants:
+    """A layer's codebooks cb (H, K, d), their squared norms and code gaps (H, K) for
+    held_attention."""
+    keep = tuple(t.detach().to("cpu", torch.float32).contiguous() for t in (cb, sqnorm, gap))
+    return CodebookConstants(cb.shape[1], keep, tuple(t.data_ptr() for t in keep))
+
+
 def held_attention(qkv: torch.Tensor, qkv_s: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor,
                    slack: torch.Tensor, codes: torch.Tensor, s_idx: torch.Tensor,
-                   cb: torch.Tensor, sqnorm: torch.Tensor, gap: torch.Tensor, tau: float,
+                   book: CodebookConstants, tau: float,
                    min_slack: float) -> tuple[torch.Tensor, int, torch.Tensor]:
     """One layer's steps 2-3 in place on qkv (n, 3, H, d) float16 (the rows of S take qkv_s,
     rounded), lse (n, H) float32, slack (n, H) float16 and codes (n, H) int64 (shapes and
-    meaning in held_attention.c). Returns (u_idx, flips, f_idx): the rows whose context was
-    recomputed (S first, then rows whose slack ran out, ascending), how many of them had a
-    held code replaced, and those of them outside S (they need the rest of the block)."""
+    meaning in held_attention.c), with the layer's codebooks `book` (prepare_codebooks).
+    Returns (u_idx, flips, f_idx): the rows whose context was recomputed (S first, then rows
+    whose slack ran out, ascending), how many of them had a held code replaced, and those of
+    them outside S (they need the rest of the block)."""
     lib = _load()
     if lib is None:
         raise RuntimeError("the fused held attention is not available (see available())")
     n, _, heads, d = qkv.shape
-    k = cb.shape[1]
     for t, dtype in ((qkv, torch.float16), (slack, torch.float16), (lse, torch.float32),
-                     (codes, torch.int64)):
-        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+                     (codes, torch.int64), (qkv_s, torch.float32), (kv, torch.float32),
+                     (s_idx, torch.int64)):
+        if t.dtype is not dtype or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"expected a contiguous CPU {dtype} tensor, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
-    qkv_s = qkv_s.to(torch.float32).contiguous()
-    kv = kv.to(torch.float32).contiguous()
-    s_idx = s_idx.to(torch.int64).contiguous()
-    cb, sqnorm, gap = (t.to(torch.float32).contiguous() for t in (cb, sqnorm, gap))
-    rows = torch.empty(2 * n, dtype=torch.int64)  # u_idx, then f_idx
-    flipped = torch.empty(n, dtype=torch.uint8)
+    if lse.shape != (n, heads) or slack.shape != (n, heads) or codes.shape != (n, heads):
+        raise ValueError(f"expected lse, slack and codes of shape ({n}, {heads})")
+    # one buffer for the outputs: u_idx (n), f_idx (n), then n flags of one byte
+    out = torch.empty(3 * n, dtype=torch.int64)
+    base = out.data_ptr()
     flips = (ctypes.c_int64 * 2)()
     u = lib.held_attention(
-        n, heads, d, k, len(s_idx), len(kv),
+        n, heads, d, book.codes_per_head, s_idx.shape[0], kv.shape[0],
         qkv.data_ptr(), qkv_s.data_ptr(), kv.data_ptr(), lse.data_ptr(), slack.data_ptr(),
-        codes.data_ptr(), s_idx.data_ptr(), cb.data_ptr(), sqnorm.data_ptr(),
-        gap.data_ptr(), tau, min_slack, 1.0 / d ** 0.5, rows.data_ptr(), flipped.data_ptr(),
-        rows.data_ptr() + n * rows.element_size(), flips)
+        codes.data_ptr(), s_idx.data_ptr(), *book.pointers, tau, min_slack, 1.0 / d ** 0.5,
+        base, base + 16 * n, base + 8 * n, flips)
     if u < 0:
         raise MemoryError("held_attention: out of memory")
-    return rows[:u], flips[0], rows[n : n + flips[1]]
+    return out[:u], flips[0], out[n : n + flips[1]]

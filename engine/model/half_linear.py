@@ -91,19 +91,60 @@ def half_weight(w: torch.Tensor) -> HalfWeight:
 def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torch.Tensor:
     """x (n, in) @ w.T + b in float32: through half_linear.c for at most KERNEL_ROWS rows,
     else oneDNN with the float32 matrix."""
-    from incstream.engine.model.packed_linear import project
-
-    lib = _load()
     rows = x.shape[0] if x.dim() == 2 else -1
-    if lib is None or w.panels is None or not 0 < rows <= KERNEL_ROWS:
+    lib = _load() if w.panels is not None and 0 < rows <= KERNEL_ROWS else None
+    if lib is None:
+        from incstream.engine.model.packed_linear import project
+
         return project(x.to(torch.float32), w.full, b)
-    x = x.to(torch.float32).contiguous()
-    bias = None if b is None else b.to(torch.float32).contiguous()
+    f32 = torch.float32
+    if x.dtype is not f32 or not x.is_contiguous():  # (called every layer: skip no-op casts)
+        x = x.to(f32).contiguous()
+    if b is not None and (b.dtype is not f32 or not b.is_contiguous()):
+        b = b.to(f32).contiguous()
     out_features, in_features = w.shape
-    y = torch.empty((rows, out_features), dtype=torch.float32)
+    y = torch.empty((rows, out_features), dtype=f32)
     lib.half_linear(rows, out_features, in_features, x.data_ptr(), w.panels.data_ptr(),
-                    None if bias is None else bias.data_ptr(), y.data_ptr())
+                    None if b is None else b.data_ptr(), y.data_ptr())
     return y
+
+
+@dataclass(frozen=True, eq=False)
+class FeedForwardRows:
+    """One layer's constants for feed_forward_rows, converted and laid out once: an update
+    calls the kernel every layer, and converting ten tensors a call cost more than a row's
+    arithmetic. `keep` holds the tensors that `pointers` point into."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    codes_per_head: int
+    eps: float
+    keep: tuple[torch.Tensor, ...]
+    # tables, bo, w_up panels, b_up, w_down panels, b_down, ln1_w, ln1_b, ln2_w, ln2_b
+    pointers: tuple[int, ...]
+
+
+def prepare_feed_forward_rows(tables: torch.Tensor, layer: object, heads: int,
+                              eps: float) -> FeedForwardRows | None:
+    """The constants of the rest of a fast-mode block for `layer` (its float16 feed-forward
+    matrices, biases and LayerNorms) with `tables` (H * K, C), the code tables of its
+    attention output; None where the kernel does not apply (no compiler, matrices that are
+    not HalfWeights with panels)."""
+    w_up, w_down = layer.w_up, layer.w_down
+    if (not isinstance(w_up, HalfWeight) or not isinstance(w_down, HalfWeight)
+            or w_up.panels is None or w_down.panels is None or _load() is None):
+        return None
+    f32 = torch.float32
+    vectors = [t.to(f32).contiguous() for t in (tables, layer.bo, layer.b_up, layer.b_down,
+                                                 layer.ln1_w, layer.ln1_b, layer.ln2_w,
+                                                 layer.ln2_b)]
+    tables32, bo, b_up, b_down, ln1_w, ln1_b, ln2_w, ln2_b = vectors
+    keep = (*vectors, w_up.panels, w_down.panels)
+    pointers = tuple(t.data_ptr() for t in (tables32, bo, w_up.panels, b_up, w_down.panels,
+                                            b_down, ln1_w, ln1_b, ln2_w, ln2_b))
+    return FeedForwardRows(w_down.shape[0], w_up.shape[0], heads, tables.shape[0] // heads,
+                           eps, keep, pointers)
 
 
 def feed_forward_rows(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor,
@@ -112,29 +153,30 @@ def feed_forward_rows(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor
     attention output of `codes` (m, H) as a sum of rows of `tables` (H * K, C) plus layer.bo,
     then engine.model.minilm.feed_forward_block with layer's float16 feed-forward matrices.
     None where the kernel does not apply (no compiler, matrices that are not HalfWeights with
-    panels, more than KERNEL_ROWS rows): then the caller runs the PyTorch version."""
-    w_up, w_down = layer.w_up, layer.w_down
+    panels, more than KERNEL_ROWS rows): then the caller runs the PyTorch version. (The fast
+    mode prepares each layer once and calls run_feed_forward_rows.)"""
+    prepared = prepare_feed_forward_rows(tables, layer, codes.shape[1], eps)
+    return None if prepared is None else run_feed_forward_rows(x, codes, prepared)
+
+
+def run_feed_forward_rows(x: torch.Tensor, codes: torch.Tensor,
+                          prepared: FeedForwardRows) -> torch.Tensor | None:
+    """feed_forward_rows with a layer's prepared constants; None for more than KERNEL_ROWS
+    rows (or none)."""
     rows = x.shape[0]
-    if (not isinstance(w_up, HalfWeight) or not isinstance(w_down, HalfWeight)
-            or w_up.panels is None or w_down.panels is None or not 0 < rows <= KERNEL_ROWS):
+    if not 0 < rows <= KERNEL_ROWS:
         return None
-    lib = _load()
-    if lib is None:
-        return None
-    f32 = torch.float32
-    x, tables = x.to(f32).contiguous(), tables.to(f32).contiguous()
-    codes = codes.to(torch.int64).contiguous()
-    vectors = [t.to(f32).contiguous() for t in (layer.bo, layer.b_up, layer.b_down, layer.ln1_w,
-                                                 layer.ln1_b, layer.ln2_w, layer.ln2_b)]
-    bo, b_up, b_down, ln1_w, ln1_b, ln2_w, ln2_b = vectors
-    hidden, ffn = w_down.shape[0], w_up.shape[0]
-    heads = codes.shape[1]
-    out = torch.empty((rows, hidden), dtype=f32)
-    status = lib.feed_forward_rows(
-        rows, hidden, ffn, heads, tables.shape[0] // heads, x.data_ptr(), codes.data_ptr(),
-        tables.data_ptr(), bo.data_ptr(), w_up.panels.data_ptr(), b_up.data_ptr(),
-        w_down.panels.data_ptr(), b_down.data_ptr(), ln1_w.data_ptr(), ln1_b.data_ptr(),
-        ln2_w.data_ptr(), ln2_b.data_ptr(), eps, out.data_ptr())
+    if x.dtype is not torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    if codes.dtype is not torch.int64 or not codes.is_contiguous():
+        codes = codes.to(torch.int64).contiguous()
+    if codes.shape != (rows, prepared.heads) or x.shape[1] != prepared.hidden:
+        raise ValueError(f"expected x ({rows}, {prepared.hidden}) and codes ({rows}, "
+                         f"{prepared.heads}), got {tuple(x.shape)} and {tuple(codes.shape)}")
+    out = torch.empty((rows, prepared.hidden), dtype=torch.float32)
+    status = _load().feed_forward_rows(
+        rows, prepared.hidden, prepared.ffn, prepared.heads, prepared.codes_per_head,
+        x.data_ptr(), codes.data_ptr(), *prepared.pointers, prepared.eps, out.data_ptr())
     if status != 0:
         raise MemoryError("feed_forward_rows: out of memory")
     return out
