@@ -426,6 +426,7 @@ class FastSplice:
         self.x_s = embed(fw.w, self.ids[self.s_idx], self.pos[self.s_idx])
         self.identity = m == r1 - r0  # same row count: old row i is new row i
         self.fused = use_fused_kernel(cfg, dev, fw.w.config.head_dim)
+        self.codes_per_head = fw.codebooks.codes.shape[2]  # K
         self.report = FastUpdate()
         self.layers: list[FastLayer] = []
         # old rows whose keys leave every layer from here on: the deleted ones and the kept
@@ -456,20 +457,29 @@ class FastSplice:
     def begin_layer(self, layer: int) -> bool:
         """Carry layer `layer`'s old state into the new row order; False if no row's input
         changed and no key left (the layer is kept as is)."""
-        self.report.rows_changed.append(len(self.s_idx))
+        changed = self.s_idx.shape[0]
+        self.report.rows_changed.append(changed)
         old = self.chunk.layers[layer]
         # the keys and values that leave, read before the rows move
         self.kv_left = old.qkv[:, 1:].index_select(0, self.left).to(F32)
         r0, r1, m = self.r0, self.r1, self.m
-        codes = old.codes.new_full((self.n, old.codes.shape[1]), -1, dtype=torch.long)
-        codes[:r0] = old.codes[:r0]  # the inserted rows r0..r0+m have no code yet (-1)
-        codes[r0 + m :] = old.codes[r1:]
-        # Q/K/V, lse and slack: the kept rows move inside the old chunk's buffers where they
-        # have room (rows of S are overwritten by `attend`), else into new buffers with room
         self.chunk.spent = True
-        qkv, lse, slack = (self._moved_rows(t) for t in (old.qkv, old.lse, old.slack))
+        if self.identity and old.qkv.device.type == "cpu":
+            # Same row count: every kept row stays where it is, in the old chunk's buffers
+            # (rows of S are overwritten by `attend`; the replaced rows have no code yet).
+            qkv, lse, slack = old.qkv, old.lse, old.slack
+            codes = old.codes.long()
+            codes[r0 : r0 + m] = -1
+        else:
+            codes = old.codes.new_full((self.n, old.codes.shape[1]), -1, dtype=torch.long)
+            codes[:r0] = old.codes[:r0]  # the inserted rows r0..r0+m have no code yet (-1)
+            codes[r0 + m :] = old.codes[r1:]
+            # Q/K/V, lse and slack: the kept rows move inside the old chunk's buffers where
+            # they have room (rows of S are overwritten by `attend`), else into new buffers
+            # with room
+            qkv, lse, slack = (self._moved_rows(t) for t in (old.qkv, old.lse, old.slack))
         self.qkv, self.lse, self.slack, self.codes = qkv, lse, slack, codes
-        if len(self.s_idx) == 0 and len(self.left) == 0:
+        if changed == 0 and self.left.shape[0] == 0:
             self.layers.append(FastLayer(qkv, lse, slack, codes.to(torch.uint8)))
             return False
         return True
@@ -482,13 +492,13 @@ class FastSplice:
         # The keys and values that came in (the changed rows' new ones) and left (the old ones
         # of the changed and deleted rows).
         kv = torch.cat([qkv_s[:, 1:], self.kv_left])  # (J, 2, H, d)
-        j, k_codes = len(kv), fw.codebooks.codes[layer].shape[1]
+        j, k_codes = kv.shape[0], self.codes_per_head
         if self.fused:
             u_idx, flips, f_idx = self._held_attention_fused(layer, qkv_s, kv)
         else:
             u_idx, flips, f_idx = self._held_attention(layer, qkv_s, kv)
-        u = len(u_idx)
-        macs.add("attn_scores", (self.n - len(s_idx)) * j * heads * d)
+        u, m_s = u_idx.shape[0], s_idx.shape[0]
+        macs.add("attn_scores", (self.n - m_s) * j * heads * d)
         # the drift's dot products (_move_norm): values x values, values x codes, rows x J^2
         macs.add("attn_values", heads * (j * j * d + k_codes * j * d + self.n * j * j))
         macs.add("attn_scores", u * self.n * heads * d)
@@ -500,7 +510,7 @@ class FastSplice:
         self.layers.append(FastLayer(self.qkv, self.lse, self.slack, self.codes.to(torch.uint8)))
         # 4. The rest of the block runs for S and the rows whose code changed (f_idx).
         x_in = self.x_s
-        if len(f_idx):
+        if f_idx.shape[0]:
             x_f = _row_inputs(fw, self.layers, self.ids, self.pos, f_idx, layer, macs)
             self.s_idx, x_in = torch.cat([s_idx, f_idx]), torch.cat([x_in, x_f])
             self.left = torch.cat([self.left, self.old_src[f_idx]])
@@ -565,7 +575,7 @@ class FastSplice:
     def result(self) -> tuple[FastChunk, FastUpdate]:
         chunk, s_idx = self.chunk, self.s_idx
         out = chunk.out.clone() if self.identity else self._splice_rows(chunk.out)
-        if len(s_idx):
+        if s_idx.shape[0]:
             out[s_idx] = self.x_s.to(STORE)
         new = FastChunk(self.ids, self.pos, self.layers, out, _pooled(out),
                         edits=chunk.edits + 1)
@@ -605,7 +615,7 @@ def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
         active = [sp for sp in splices if sp.begin_layer(layer)]
         if not active:
             continue
-        sizes = [len(sp.x_s) for sp in active]
+        sizes = [sp.x_s.shape[0] for sp in active]
         scratch = MacCounter()
         qkv = _qkv(fw, layer, _joined([sp.x_s for sp in active]), scratch)
         inputs, codes = [], []
@@ -613,7 +623,7 @@ def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
             x_in, c = sp.attend(layer, qkv_s)
             inputs.append(x_in)
             codes.append(c)
-        sizes_out = [len(x) for x in inputs]
+        sizes_out = [x.shape[0] for x in inputs]
         x_out = _rest_of_block(fw, layer, _joined(inputs), _joined(codes), active[0].fused,
                                scratch)
         for sp, x in zip(active, _parts(x_out, sizes_out), strict=True):

@@ -150,9 +150,11 @@ static inline float dot_f(const float *a, const float *b) {
  * and sum16 adds 16 such vectors lane by lane into one vector of 16 scores. */
 #define ROW_PATH_MAX 6
 
-/* The lane sums of 16 vectors as one vector: lane 4k + l holds the sum of p[4l + k] (callers
- * store key jj's partial sums at p[4 (jj % 4) + jj / 4], so lane jj holds key jj's score).
- * Four rounds of "add the two halves of a pair of vectors, each half into its own slot". */
+/* The lane sums of 16 vectors as one vector: lane 4k + l holds the sum of p[4l + k], so a
+ * caller stores the vector whose sum belongs in lane i at p[LANE(i)]. Four rounds of "add the
+ * two halves of a pair of vectors, each half into its own slot". */
+#define LANE(i) (4 * ((i) % 4) + (i) / 4)  /* where sum16 wants the vector for lane i */
+
 static inline __m512 sum16(const __m512 *p) {
     __m512 t[8], u[4], v[2];
     for (int i = 0; i < 8; i++)  /* 256-bit halves: t[i] = p[2i] folded | p[2i+1] folded */
@@ -188,7 +190,7 @@ static void context_of_row(int64_t n, int64_t H, const half *qkv, const float *q
             __m512 p[16];
             for (int jj = 0; jj < 16; jj++) {
                 const half *k = keys + (j + jj) * row;
-                p[4 * (jj % 4) + jj / 4] = _mm512_fmadd_ps(q1, load_half16(k + 16),
+                p[LANE(jj)] = _mm512_fmadd_ps(q1, load_half16(k + 16),
                                                            _mm512_mul_ps(q0, load_half16(k)));
             }
             __m512 s = sum16(p);
@@ -236,6 +238,58 @@ static void context_of_row(int64_t n, int64_t H, const half *qkv, const float *q
         z[h] = sum;
     }
 }
+
+/* Step 2 for one row i outside S, the heads in the lanes (H <= 16): each moved key's weight
+ * in every head from one sum16 of the per-head query . key products, and the drift of every
+ * head's context from a second one. Same arithmetic as the scalar loop in held_attention
+ * (which runs where H > 16), a few times fewer instructions. qrow: the row's queries (H * D,
+ * float16); w: scratch for 16 * J floats. Returns whether some head's slack ran out. */
+static int drift_of_row(int64_t H, int64_t J, int64_t m_s, int64_t K, const half *qrow,
+                        const float *kv, const float *lse_i, half *slack_i,
+                        const int64_t *codes_i, const float *cb, float scale, float *w) {
+    __m512 p[16];
+    for (int64_t h = H; h < 16; h++) p[LANE(h)] = _mm512_setzero_ps();
+    float tmp[16] = {0.0f};
+    memcpy(tmp, lse_i, sizeof(float) * H);
+    __m512 lse_v = _mm512_loadu_ps(tmp), w_sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < J; j++) {
+        const float *k = kv + j * 2 * H * D;
+        for (int64_t h = 0; h < H; h++)
+            p[LANE(h)] = _mm512_fmadd_ps(load_half16(qrow + h * D + 16),
+                                         _mm512_loadu_ps(k + h * D + 16),
+                                         _mm512_mul_ps(load_half16(qrow + h * D),
+                                                       _mm512_loadu_ps(k + h * D)));
+        __m512 s = _mm512_sub_ps(_mm512_mul_ps(sum16(p), _mm512_set1_ps(scale)), lse_v);
+        __m512 wj = (__m512)lanes_exp((lanes)s);
+        if (j >= m_s) wj = _mm512_sub_ps(_mm512_setzero_ps(), wj);  /* a key that left */
+        _mm512_storeu_ps(w + j * 16, wj);
+        w_sum = _mm512_add_ps(w_sum, wj);
+    }
+    _mm512_storeu_ps(tmp, w_sum);
+    for (int64_t h = 0; h < H; h++) {  /* sum_j w_j v_j - w_sum c, per head */
+        int64_t c = codes_i[h] < 0 ? 0 : codes_i[h];
+        const float *cv = cb + (h * K + c) * D;
+        __m512 ws = _mm512_set1_ps(-tmp[h]);
+        __m512 a0 = _mm512_mul_ps(ws, _mm512_loadu_ps(cv));
+        __m512 a1 = _mm512_mul_ps(ws, _mm512_loadu_ps(cv + 16));
+        for (int64_t j = 0; j < J; j++) {
+            const float *v = kv + ((j * 2 + 1) * H + h) * D;
+            __m512 wj = _mm512_set1_ps(w[j * 16 + h]);
+            a0 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v), a0);
+            a1 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v + 16), a1);
+        }
+        p[LANE(h)] = _mm512_fmadd_ps(a1, a1, _mm512_mul_ps(a0, a0));
+    }
+    __m512 move = _mm512_sqrt_ps(sum16(p));
+    __m512 den = _mm512_max_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), w_sum), _mm512_set1_ps(1e-6f));
+    half old[16] = {0};
+    memcpy(old, slack_i, sizeof(half) * H);
+    __m512 left = _mm512_sub_ps(load_half16(old), _mm512_div_ps(move, den));
+    _mm256_storeu_si256((__m256i *)old, _mm512_cvtps_ph(left, _MM_FROUND_TO_NEAREST_INT));
+    memcpy(slack_i, old, sizeof(half) * H);
+    __mmask16 heads = (__mmask16)((1u << H) - 1);
+    return (_mm512_cmp_ps_mask(left, _mm512_setzero_ps(), _CMP_LT_OQ) & heads) != 0;
+}
 #endif
 
 int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, int64_t J,
@@ -251,11 +305,12 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
      * their score maxima and normalisers (H, UB), ctx their contexts (UB, H, D) and ctxt the
      * same as (H, D, UB), part the codebook distances of one head (K, UB), kv_row one key or
      * value row of the chunk (all heads); all float32 */
-    size_t floats = H * D + D + H * J + H * D * UB + H * n * UB + 2 * H * UB + 2 * UB * H * D
+    int64_t w_heads = H < 16 ? 16 : H;  /* drift_of_row keeps a key's weights in 16 lanes */
+    size_t floats = H * D + D + w_heads * J + H * D * UB + H * n * UB + 2 * H * UB + 2 * UB * H * D
                     + K * UB + H * D + n / sizeof(float) + 1;
     float *q = scratch_floats(floats);
     if (!q) return -1;
-    float *acc = q + H * D, *w = acc + D, *qt = w + H * J, *sc = qt + H * D * UB;
+    float *acc = q + H * D, *w = acc + D, *qt = w + w_heads * J, *sc = qt + H * D * UB;
     float *top = sc + H * n * UB, *z = top + H * UB, *ctx = z + H * UB;
     float *ctxt = ctx + UB * H * D, *part = ctxt + H * D * UB, *kv_row = part + K * UB;
     uint8_t *in_s = (uint8_t *)(kv_row + H * D);  /* 1 for the rows of S */
@@ -271,6 +326,14 @@ int64_t held_attention(int64_t n, int64_t H, int64_t d, int64_t K, int64_t m_s, 
     for (int64_t t = 0; t < m_s; t++) u_idx[u++] = s_idx[t];
     for (int64_t i = 0; i < n; i++) {
         if (in_s[i]) continue;
+#ifdef __AVX512F__
+        if (H <= 16) {
+            if (drift_of_row(H, J, m_s, K, qkv + i * row, kv, lse + i * H, slack + i * H,
+                             codes + i * H, cb, scale, w))
+                u_idx[u++] = i;
+            continue;
+        }
+#endif
         to_float(qkv + i * row, q, H * D);
         for (int64_t h = 0; h < H; h++)
             for (int64_t j = 0; j < J; j++)
