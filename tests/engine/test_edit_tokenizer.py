@@ -198,3 +198,27 @@ def test_long_documents_tokenize_without_a_length_warning(tokenizer):
         logger.removeHandler(handler)
         if warned is not None:
             tokenizer.deprecation_warnings[key] = warned
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT)
+def test_the_backend_shortcut_tokenizes_as_the_wrapper(tokenizer, text):
+    """tokenize() calls the fast tokenizer's Rust backend directly; the transformers wrapper
+    (what Recording, having no backend, goes through) gives the same ids and offsets."""
+    via_backend = tokenize(tokenizer, text, offset=3)
+    via_wrapper = tokenize(Recording(tokenizer), text, offset=3)
+    assert via_backend.ids == via_wrapper.ids
+    assert via_backend.starts == via_wrapper.starts and via_backend.ends == via_wrapper.ends
+
+
+def test_a_backend_left_truncating_is_not_used(tokenizer):
+    """A backend someone left truncating (a call with truncation=True does) would cut the
+    text: tokenize() then goes through the wrapper, which turns truncation off."""
+    text = "word " * 40
+    full = tokenize(tokenizer, text).ids
+    tokenizer.backend_tokenizer.enable_truncation(max_length=8)
+    try:
+        assert tokenize(tokenizer, text).ids == full
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
