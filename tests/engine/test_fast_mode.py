@@ -60,6 +60,19 @@ def test_canonical_fast_build_equals_the_exact_model(model, tokenizer):
     assert check["position_mismatches"] == 0
 
 
+def test_a_build_attends_through_flash_attention_as_through_matmuls():
+    """A chunk build's attention (fused flash attention on the CPU) gives _attend's
+    normalisers and contexts, up to float rounding, and counts the same MACs."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 200, 12, 32, generator=gen) * 2).unbind(0)
+    fused_macs, plain_macs = MacCounter(), MacCounter()
+    lse, ctx = fast_chunk._attend_chunk(q, k, v, fused_macs)
+    lse_ref, ctx_ref = fast_chunk._attend(q, k, v, plain_macs)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ctx, ctx_ref, rtol=1e-5, atol=1e-5)
+    assert fused_macs.as_dict() == plain_macs.as_dict()
+
+
 def test_fast_state_is_compact(model, tokenizer):
     fast = DocumentSession(model, tokenizer, TEXT * 3, mode="fast")
     exact = DocumentSession(model, tokenizer, TEXT * 3)
