@@ -28,6 +28,10 @@
  * replaced), flips[0] (how many recomputed rows flipped), f_rows and flips[1] (the recomputed
  * rows outside S that flipped, in u_idx order, and their count: they need the rest of the
  * block), and qkv, lse, slack and codes updated in place.
+ *
+ * With AVX-512, step 2 keeps the heads of a row in the lanes of a vector (drift_of_row) and
+ * step 3 takes a group of a few rows one row at a time with keys in the lanes
+ * (context_of_row); elsewhere both run the plain loops below.
  */
 
 #include <math.h>
