@@ -443,7 +443,6 @@ class FastSplice:
         self.x_s = embed(fw.w, self.ids[self.s_idx], self.pos[self.s_idx])
         self.identity = m == r1 - r0  # same row count: old row i is new row i
         self.fused = use_fused_kernel(cfg, dev, fw.w.config.head_dim)
-        self.codes_per_head = fw.codebooks.codes.shape[2]  # K
         self.report = FastUpdate()
         self.layers: list[FastLayer] = []
         # old rows whose keys leave every layer from here on: the deleted ones and the kept
@@ -481,20 +480,12 @@ class FastSplice:
         self.kv_left = old.qkv[:, 1:].index_select(0, self.left).to(F32)
         r0, r1, m = self.r0, self.r1, self.m
         self.chunk.spent = True
-        if self.identity and old.qkv.device.type == "cpu":
-            # Same row count: every kept row stays where it is, in the old chunk's buffers
-            # (rows of S are overwritten by `attend`; the replaced rows have no code yet).
-            qkv, lse, slack = old.qkv, old.lse, old.slack
-            codes = old.codes.long()
-            codes[r0 : r0 + m] = -1
-        else:
-            codes = old.codes.new_full((self.n, old.codes.shape[1]), -1, dtype=torch.long)
-            codes[:r0] = old.codes[:r0]  # the inserted rows r0..r0+m have no code yet (-1)
-            codes[r0 + m :] = old.codes[r1:]
-            # Q/K/V, lse and slack: the kept rows move inside the old chunk's buffers where
-            # they have room (rows of S are overwritten by `attend`), else into new buffers
-            # with room
-            qkv, lse, slack = (self._moved_rows(t) for t in (old.qkv, old.lse, old.slack))
+        codes = old.codes.new_full((self.n, old.codes.shape[1]), -1, dtype=torch.long)
+        codes[:r0] = old.codes[:r0]  # the inserted rows r0..r0+m have no code yet (-1)
+        codes[r0 + m :] = old.codes[r1:]
+        # Q/K/V, lse and slack: the kept rows move inside the old chunk's buffers where they
+        # have room (rows of S are overwritten by `attend`), else into new buffers with room
+        qkv, lse, slack = (self._moved_rows(t) for t in (old.qkv, old.lse, old.slack))
         self.qkv, self.lse, self.slack, self.codes = qkv, lse, slack, codes
         if changed == 0 and self.left.shape[0] == 0:
             self.layers.append(FastLayer(qkv, lse, slack, codes.to(torch.uint8)))
@@ -509,7 +500,7 @@ class FastSplice:
         # The keys and values that came in (the changed rows' new ones) and left (the old ones
         # of the changed and deleted rows).
         kv = torch.cat([qkv_s[:, 1:], self.kv_left])  # (J, 2, H, d)
-        j, k_codes = kv.shape[0], self.codes_per_head
+        j, k_codes = kv.shape[0], fw.codebooks.codes.shape[2]
         if self.fused:
             u_idx, flips, f_idx = self._held_attention_fused(layer, qkv_s, kv)
         else:

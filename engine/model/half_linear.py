@@ -88,6 +88,12 @@ def half_weight(w: torch.Tensor) -> HalfWeight:
     return HalfWeight(panels, pack(w32), w32.shape)
 
 
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a contiguous `dtype` tensor, t itself when it already is one (the kernels run every
+    layer of every update: even a no-op cast costs a microsecond there)."""
+    return t if t.dtype is dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torch.Tensor:
     """x (n, in) @ w.T + b in float32: through half_linear.c for at most KERNEL_ROWS rows,
     else oneDNN with the float32 matrix."""
@@ -97,13 +103,10 @@ def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torc
         from incstream.engine.model.packed_linear import project
 
         return project(x.to(torch.float32), w.full, b)
-    f32 = torch.float32
-    if x.dtype is not f32 or not x.is_contiguous():  # (called every layer: skip no-op casts)
-        x = x.to(f32).contiguous()
-    if b is not None and (b.dtype is not f32 or not b.is_contiguous()):
-        b = b.to(f32).contiguous()
+    x = _contiguous(x, torch.float32)
+    b = None if b is None else _contiguous(b, torch.float32)
     out_features, in_features = w.shape
-    y = torch.empty((rows, out_features), dtype=f32)
+    y = torch.empty((rows, out_features), dtype=torch.float32)
     lib.half_linear(rows, out_features, in_features, x.data_ptr(), w.panels.data_ptr(),
                     None if b is None else b.data_ptr(), y.data_ptr())
     return y
@@ -166,10 +169,7 @@ def run_feed_forward_rows(x: torch.Tensor, codes: torch.Tensor,
     rows = x.shape[0]
     if not 0 < rows <= KERNEL_ROWS:
         return None
-    if x.dtype is not torch.float32 or not x.is_contiguous():
-        x = x.to(torch.float32).contiguous()
-    if codes.dtype is not torch.int64 or not codes.is_contiguous():
-        codes = codes.to(torch.int64).contiguous()
+    x, codes = _contiguous(x, torch.float32), _contiguous(codes, torch.int64)
     if codes.shape != (rows, prepared.heads) or x.shape[1] != prepared.hidden:
         raise ValueError(f"expected x ({rows}, {prepared.hidden}) and codes ({rows}, "
                          f"{prepared.heads}), got {tuple(x.shape)} and {tuple(codes.shape)}")
