@@ -33,13 +33,19 @@ import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from incstream.engine.incremental import held_attention
 from incstream.engine.incremental.chunk_record import ChunkRecord
 from incstream.engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
-from incstream.engine.model.half_linear import run_feed_forward_rows
+from incstream.engine.model.half_linear import (
+    KERNEL_ROWS,
+    HalfWeight,
+    project_half,
+    run_feed_forward_rows,
+)
 from incstream.engine.model.macs import MacCounter
 from incstream.engine.model.minilm import embed, feed_forward_block
 from incstream.engine.model.packed_linear import project
@@ -171,14 +177,16 @@ def _lookup(fw: FastWeights, layer: int, codes: torch.Tensor, macs: MacCounter) 
 
 
 def _rest_of_block(fw: FastWeights, layer: int, x: torch.Tensor, codes: torch.Tensor,
-                   fused: bool, macs: MacCounter) -> torch.Tensor:
+                   fused: bool, macs: MacCounter, any_rows: bool = False) -> torch.Tensor:
     """Step 4 for rows x (m, C) whose attention codes are `codes` (m, H): the attention output
     (_lookup) and the rest of the block (feed_forward_block), in one compiled call where
     `fused` and the kernel applies (engine.model.half_linear.run_feed_forward_rows: float16
-    matrices, a few rows), else in PyTorch. Same MACs either way."""
+    matrices, a few rows, or any number with `any_rows`), else in PyTorch. Same MACs either
+    way."""
     lw, eps = fw.layers[layer], fw.w.config.layer_norm_eps
     prepared = fw.feed_forward_kernels[layer] if fused and fw.feed_forward_kernels else None
-    out = run_feed_forward_rows(x, codes, prepared) if prepared is not None else None
+    out = (run_feed_forward_rows(x, codes, prepared, any_rows) if prepared is not None
+           else None)
     if out is None:
         return feed_forward_block(lw, x, _lookup(fw, layer, codes, macs), eps, macs)
     m, heads = codes.shape
@@ -257,12 +265,15 @@ def _move_norm(fw: FastWeights, layer: int, w: torch.Tensor, w_sum: torch.Tensor
     return (wv_sq - 2.0 * w_sum * wv_c + w_sum * w_sum * c_sq).clamp_min_(0.0).sqrt_()
 
 
-def _qkv(fw: FastWeights, layer: int, x: torch.Tensor, macs: MacCounter) -> torch.Tensor:
-    """Q, K, V of rows x (m, C) with one fused matmul, as (m, 3, H, d) float32."""
+def _qkv(fw: FastWeights, layer: int, x: torch.Tensor, macs: MacCounter,
+         any_rows: bool = False) -> torch.Tensor:
+    """Q, K, V of rows x (m, C) with one fused matmul, as (m, 3, H, d) float32 (`any_rows`:
+    through the float16 kernel however many rows, engine.model.half_linear.project_half)."""
     cfg = fw.w.config
     w, b = fw.wqkv[layer]
     macs.add("linear", x.shape[0] * w.shape[0] * w.shape[1])
-    return project(x, w, b).to(F32).view(-1, 3, cfg.heads, cfg.head_dim)
+    y = project_half(x, w, b, any_rows) if isinstance(w, HalfWeight) else project(x, w, b)
+    return y.to(F32).view(-1, 3, cfg.heads, cfg.head_dim)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -610,36 +621,70 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _parts(t: torch.Tensor, sizes: list[int]) -> Sequence[torch.Tensor]:
-    return (t,) if len(sizes) == 1 else t.split(sizes)
+def rows_alone_exact(fw: FastWeights, layer: int, fused: bool) -> bool:
+    """Whether this layer's few-row products give each row the result it would get in any
+    other company: the float16 kernels (engine.model.half_linear) sum each row alone, in a
+    fixed order. oneDNN's float32 or bfloat16 products, int8 and CUDA promise no such thing."""
+    w = fw.wqkv[layer][0]
+    return (fused and isinstance(w, HalfWeight) and w.panels is not None
+            and bool(fw.feed_forward_kernels) and fw.feed_forward_kernels[layer] is not None)
+
+
+def _shared_calls(sizes: list[int], alone_exact: bool) -> list[tuple[list[int], bool]]:
+    """Which splices' rows share one product call, and whether that call takes the kernel
+    whatever its rows (`any_rows`). Where rows are alone-exact, the splices small enough to
+    take the kernel on their own share one kernel call however many rows that makes, and each
+    bigger one (a many-row product: oneDNN) has a call to itself, as it would alone: so every
+    splice's numbers are those of running it by itself, whoever shares its step. Otherwise all
+    share one call (then float rounding may differ with the company)."""
+    if not alone_exact:
+        return [(list(range(len(sizes))), False)]
+    small = [i for i, rows in enumerate(sizes) if rows <= KERNEL_ROWS]
+    big = [([i], False) for i, rows in enumerate(sizes) if rows > KERNEL_ROWS]
+    return ([(small, True)] if small else []) + big
+
+
+def _shared_products(product, parts: list[tuple[torch.Tensor, ...]],
+                     alone_exact: bool) -> list[torch.Tensor]:
+    """product(*rows, any_rows=...) over each splice's rows `parts[i]` (tensors of equal row
+    counts), in the calls _shared_calls picks; the results in the splices' order."""
+    sizes = [p[0].shape[0] for p in parts]
+    out: list[torch.Tensor] = [parts[0][0]] * len(parts)
+    for members, any_rows in _shared_calls(sizes, alone_exact):
+        joined = [_joined([parts[i][j] for i in members]) for j in range(len(parts[0]))]
+        y = product(*joined, any_rows=any_rows)
+        pieces = (y,) if len(members) == 1 else y.split([sizes[i] for i in members])
+        for i, piece in zip(members, pieces, strict=True):
+            out[i] = piece
+    return out
 
 
 def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
     """Advance several chunk updates together, layer by layer: the Q/K/V projection and the
-    feed-forward of all their changed rows go through one matmul each per layer (what makes a
-    batch of edits cheaper than the same edits one at a time). Each splice's MACs go to its own
-    counter; read the results with FastSplice.result()."""
+    feed-forward of all their changed rows go through shared matmuls per layer (what makes a
+    batch of edits cheaper than the same edits one at a time; _shared_calls says which share
+    and why a document's answer then does not depend on its company). Each splice's MACs go
+    to its own counter; read the results with FastSplice.result()."""
     for layer in range(len(fw.layers)):
         active = [sp for sp in splices if sp.begin_layer(layer)]
         if not active:
             continue
-        sizes = [sp.x_s.shape[0] for sp in active]
+        fused = active[0].fused
+        alone_exact = rows_alone_exact(fw, layer, fused)
         scratch = MacCounter()
-        qkv = _qkv(fw, layer, _joined([sp.x_s for sp in active]), scratch)
-        inputs, codes = [], []
-        for sp, qkv_s in zip(active, _parts(qkv, sizes), strict=True):
-            x_in, c = sp.attend(layer, qkv_s)
-            inputs.append(x_in)
-            codes.append(c)
-        sizes_out = [x.shape[0] for x in inputs]
-        x_out = _rest_of_block(fw, layer, _joined(inputs), _joined(codes), active[0].fused,
-                               scratch)
-        for sp, x in zip(active, _parts(x_out, sizes_out), strict=True):
+        sizes = [sp.x_s.shape[0] for sp in active]
+        qkv = _shared_products(partial(_qkv, fw, layer, macs=scratch),
+                               [(sp.x_s,) for sp in active], alone_exact)
+        inputs = [sp.attend(layer, qkv_s) for sp, qkv_s in zip(active, qkv, strict=True)]
+        x_out = _shared_products(partial(_rest_of_block, fw, layer, fused=fused, macs=scratch),
+                                 inputs, alone_exact)
+        for sp, x in zip(active, x_out, strict=True):
             sp.end_layer(x)
         # Each splice is charged for its own rows (what the batched matmuls counted in all).
         w_qkv, lw = fw.wqkv[layer][0], fw.layers[layer]
         hidden = fw.w.config.hidden
-        for sp, a, b in zip(active, sizes, sizes_out, strict=True):
+        for sp, a, (x_in, _) in zip(active, sizes, inputs, strict=True):
+            b = x_in.shape[0]
             sp.macs.add("linear", a * w_qkv.numel() + b * (lw.w_up.numel() + lw.w_down.numel()))
             sp.macs.add_adds(b * fw.w.config.heads * hidden)
 

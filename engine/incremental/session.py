@@ -40,7 +40,9 @@ from incstream.engine.incremental.fast_chunk import (
     build_fast_chunk,
     fast_chunk_record,
     restore_fast_chunk,
+    rows_alone_exact,
     update_fast_chunks,
+    use_fused_kernel,
 )
 from incstream.engine.incremental.fast_mode import FastModeConfig, fast_weights
 from incstream.engine.incremental.incremental_attention import update_layer
@@ -249,6 +251,8 @@ class ExactChunks:
     """Exact mode: every chunk equals a fresh build of its tokens (float64, canonical ids)."""
 
     name = "exact"
+    # A batched step runs exact chunks one by one (run_pending): each answers as it would alone.
+    batches_alone_exact = True
 
     def __init__(self, model: VQModel):
         self.model = model
@@ -285,6 +289,12 @@ class FastChunks:
     def __init__(self, model: VQModel, config: FastModeConfig):
         self.fw = fast_weights(model, config.matmul)
         self.config = config
+        # Whether a batched step gives each chunk the numbers it would get alone, whoever
+        # shares the step (the float16 kernels; fast_chunk._shared_calls): then batching
+        # documents cannot change an answer.
+        fused = use_fused_kernel(config, self.fw.w.device, self.fw.w.config.head_dim)
+        self.batches_alone_exact = all(rows_alone_exact(self.fw, layer, fused)
+                                       for layer in range(len(self.fw.layers)))
 
     def build(self, ids: torch.Tensor, macs: MacCounter) -> FastChunk:
         return build_fast_chunk(self.fw, self.config, ids, macs)

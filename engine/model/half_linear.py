@@ -68,6 +68,13 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
+def _kernel_rows(rows: int, any_rows: bool) -> bool:
+    """Whether a product of `rows` rows goes through the kernel. Each row's sums there are
+    accumulated alone in a fixed order, so a row's result does not depend on how many rows
+    share the call: several small products may share one whatever their total (`any_rows`)."""
+    return rows > 0 and (any_rows or rows <= KERNEL_ROWS)
+
+
 def half_available() -> bool:
     """Whether the float16-weight kernel can run here (builds it the first time)."""
     return _load() is not None
@@ -94,11 +101,13 @@ def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype is dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
-def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None) -> torch.Tensor:
-    """x (n, in) @ w.T + b in float32: through half_linear.c for at most KERNEL_ROWS rows,
-    else oneDNN with the float32 matrix."""
+def project_half(x: torch.Tensor, w: HalfWeight, b: torch.Tensor | None,
+                 any_rows: bool = False) -> torch.Tensor:
+    """x (n, in) @ w.T + b in float32: through half_linear.c for at most KERNEL_ROWS rows (any
+    number with `any_rows`: the rows of several small products sharing one call), else
+    oneDNN with the float32 matrix."""
     rows = x.shape[0] if x.dim() == 2 else -1
-    lib = _load() if w.panels is not None and 0 < rows <= KERNEL_ROWS else None
+    lib = _load() if w.panels is not None and _kernel_rows(rows, any_rows) else None
     if lib is None:
         from incstream.engine.model.packed_linear import project
 
@@ -162,12 +171,12 @@ def feed_forward_rows(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor
     return None if prepared is None else run_feed_forward_rows(x, codes, prepared)
 
 
-def run_feed_forward_rows(x: torch.Tensor, codes: torch.Tensor,
-                          prepared: FeedForwardRows) -> torch.Tensor | None:
-    """feed_forward_rows with a layer's prepared constants; None for more than KERNEL_ROWS
-    rows (or none)."""
+def run_feed_forward_rows(x: torch.Tensor, codes: torch.Tensor, prepared: FeedForwardRows,
+                          any_rows: bool = False) -> torch.Tensor | None:
+    """feed_forward_rows with a layer's prepared constants; None for no rows or more than
+    KERNEL_ROWS (unless `any_rows`, as project_half)."""
     rows = x.shape[0]
-    if not 0 < rows <= KERNEL_ROWS:
+    if not _kernel_rows(rows, any_rows):
         return None
     x, codes = _contiguous(x, torch.float32), _contiguous(codes, torch.int64)
     if codes.shape != (rows, prepared.heads) or x.shape[1] != prepared.hidden:

@@ -59,3 +59,52 @@ def test_a_batch_takes_one_edit_per_document(model, tokenizer):
     with pytest.raises(ValueError, match="one change per session"):
         apply_ops_batched([(s, [{"retain": 3}, {"insert": "!"}]),
                            (s, [{"retain": 4}, {"insert": "?"}])])
+
+
+def _answers(sessions: list[DocumentSession]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    return [(s.logits(), [layer.codes for chunk in s.chunks for layer in chunk.layers])
+            for s in sessions]
+
+
+def test_a_document_answers_the_same_in_any_company(model, tokenizer, monkeypatch):
+    """With the float16 kernels (each row summed alone), a batched document's numbers are bit
+    for bit those of its edits applied alone, whichever documents share its steps: the worker
+    batches documents, and a restarted or rebalanced worker batches them differently.
+    KERNEL_ROWS is lowered to 8 so that typed edits share kernel calls of more rows than one
+    could take alone and hunks take oneDNN's many-row path beside them."""
+    from incstream.engine.incremental import fast_chunk
+    from incstream.engine.model import half_linear
+
+    if not half_linear.half_available():
+        pytest.skip("the float16 kernels do not build here (no C compiler)")
+    mode = FastModeConfig(matmul="float16")
+    docs = _docs("peps-typing.jsonl.gz", 3) + _docs("peps-hunks.jsonl.gz", 1)
+    copies = [[DocumentSession(model, tokenizer, text, POLICY, mode=mode) for text, _ in docs]
+              for _ in range(3)]
+    engine = copies[0][0].engine
+    assert fast_chunk.rows_alone_exact(engine.fw, 0, fast_chunk.use_fused_kernel(
+        engine.config, engine.fw.w.device, engine.fw.w.config.head_dim))
+    monkeypatch.setattr(half_linear, "KERNEL_ROWS", 8)
+    monkeypatch.setattr(fast_chunk, "KERNEL_ROWS", 8)
+    alone, together, rotating = copies
+    big_steps = shared_steps = 0
+    for r in range(6):
+        edits = [(i, ops[r]) for i, (_, ops) in enumerate(docs) if r < len(ops)]
+        for i, ops in edits:
+            alone[i].apply_ops(ops)
+        reports = apply_ops_batched([(together[i], ops) for i, ops in edits])
+        rows = [max(u.rows_changed, default=0) for rep in reports for u in rep.chunk_updates
+                if hasattr(u, "rows_changed")]
+        big_steps += max(rows, default=0) > 8
+        shared_steps += sum(rows) > 8
+        # a different company each round: pairs that change with the round
+        order = edits[r % len(edits):] + edits[: r % len(edits)]
+        for pair in (order[:2], order[2:]):
+            if pair:
+                apply_ops_batched([(rotating[i], ops) for i, ops in pair])
+        for a, b, c in zip(_answers(alone), _answers(together), _answers(rotating),
+                           strict=True):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0])
+            assert all(torch.equal(x, y) and torch.equal(x, z)
+                       for x, y, z in zip(a[1], b[1], c[1], strict=True))
+    assert big_steps and shared_steps  # both kinds of call were exercised
