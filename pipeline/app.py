@@ -55,6 +55,7 @@ from incstream.pipeline.document_sessions import (
 from incstream.pipeline.durable_writes import ChangelogWrites
 from incstream.pipeline.event_batches import (
     Gathering,
+    Redeliveries,
     Seat,
     act_for,
     answer_each,
@@ -162,6 +163,7 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         # restart (at-least-once; its update may then be published twice, same content).
         stream_wait_empty=False,
         producer_acks=-1,
+        producer_max_batch_size=settings.producer_max_batch_bytes,
         autodiscover=False,
     )
     edits = app.topic(
@@ -308,10 +310,8 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         if len(encoded) > NEAR_BUDGET * settings.max_state_bytes:
             metrics.state_records_near_budget.inc()
 
-    # The highest offset this process has handled, per partition. Around a restart's seek
-    # Faust can hand an event over twice; a second sight is counted apart, so the metrics say
-    # how many distinct events were consumed (the ordering step drops it as a duplicate).
-    handled_up_to: dict[Any, int] = {}
+    # Events handed over again around a restart's seek are counted apart (event_batches).
+    redeliveries = Redeliveries()
 
     classify_batch = getattr(classifier, "classify_batch", None) or (
         answer_each(classifier.classify) if classifier is not None else None)
@@ -322,16 +322,26 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         return await asyncio.get_running_loop().run_in_executor(inference, classify_batch,
                                                                 requests)
 
+    batch_events = settings.batch_events(classifier)
+    why = ("INCSTREAM_BATCH_MAX_EVENTS" if settings.batch_max_events is not None
+           else "batched steps answer each document as alone" if batch_events > 1
+           else "a batched step's rounding could depend on its company")
+    log.info("the agent takes up to %d event(s) at once (%s)", batch_events, why)
+
     @app.agent(edits)
     async def apply_edits(stream: faust.StreamT) -> None:
-        # What is pending, up to batch_max_events, in steps of one event per document
+        # What is pending, up to batch_events, in steps of one event per document
         # (pipeline.event_batches); the events of a step meet at the classifier.
-        async for batch in stream.noack_take(settings.batch_max_events,
+        async for batch in stream.noack_take(batch_events,
                                              within=settings.batch_wait_s):
             metrics.batch_events.observe(len(batch))
-            for step in document_steps(batch, document=lambda event: event.key):
+            metrics.redelivered.inc(sum(redeliveries.judge(batch)))
+            steps = document_steps(batch, document=lambda event: event.key)
+            for k, step in enumerate(steps):
                 if rebalanced_since(app, step[0]):
-                    break  # the rest of the batch comes again after the rebalance's seek
+                    # the rest of the batch comes again after the rebalance's seek
+                    redeliveries.left([event for later in steps[k:] for event in later])
+                    break
                 progress.took_event()
                 classify = Gathering(len(step), classify_documents)
                 handled = await asyncio.gather(*(handle_event(stream, event, classify.seat())
@@ -350,12 +360,14 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
         act_for(message)  # its table writes go to its partition's changelogs
         started = time.perf_counter()
         abandoned = False
+        # A rebalance that begins while the event is classified leaves it for the seek after
+        # it: nothing more is published or written (its partition may be recovering its
+        # tables, here or at another worker, and a write then stops the worker), and it is not
+        # acknowledged, so it comes again. The session cache's copy, now ahead of the stored
+        # state, is set aside then (DocumentClassifier: a stale session is restored from the
+        # chunk records).
+        left_for_seek = False
         key: bytes | None = message.key
-        tp, offset = message.message.tp, message.message.offset
-        if offset <= handled_up_to.get(tp, -1):
-            metrics.redelivered.inc()
-        else:
-            handled_up_to[tp] = offset
         try:
             # 1. Parse. The Kafka key must be the doc_id: it is what keeps a document's
             #    events in one partition, in order, next to its table entry.
@@ -431,6 +443,10 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                 faults_fired.add("fail")
                 raise RuntimeError("injected fault (INCSTREAM_TEST_FAIL_BEFORE_PUBLISH)")
 
+            if rebalanced_since(app, message):
+                left_for_seek = True
+                return True
+
             # 4. Publish what happened, and wait for Kafka to have it.
             for revision, length_tokens, answer, changed in zip(
                 decision.applied, lengths_in_tokens, answers, label_changes, strict=True
@@ -471,6 +487,10 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
 
             # 5. Remember: the chunk records first, then the state that points past them
             #    (a crash between the two only costs a fresh build of the touched chunk).
+            #    Not once a rebalance has begun (the publish awaited): see left_for_seek.
+            if rebalanced_since(app, message):
+                left_for_seek = True
+                return True
             if keeps_records:
                 for answer in answers:
                     if answer is not None and answer.record_writes:
@@ -492,8 +512,10 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
             raise
         finally:
             classify.leave()  # (if it did not ask): the others need not wait for it
-            if abandoned:  # handled again after the restart: never acknowledged
+            if abandoned or left_for_seek:  # handled again: never acknowledged
                 changelog_writes.forget(message)
+                if left_for_seek:
+                    redeliveries.left([message])
             else:
                 await acknowledge(stream, message, key)
             metrics.processing_seconds.observe(time.perf_counter() - started)

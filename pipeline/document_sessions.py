@@ -253,6 +253,9 @@ class DocumentClassifier:
         with torch_no_grad():
             warm = self.fresh(self.WARM_UP_TEXT)
         rows = sum(len(chunk.token_ids) for chunk in warm.chunks)
+        # Whether batching documents can change no answer (the engine's batched steps give
+        # each document the numbers it would get alone): the worker batches by default then.
+        self.batches_alone_exact: bool = warm.engine.batches_alone_exact
         self.sizer = SessionSizer(bytes_per_row(warm.nbytes(), rows),
                                   partial(max_rows, policy=self.policy))
         self.set_sessions_budget(cache_bytes)
@@ -435,6 +438,14 @@ class DocumentClassifier:
         session = self.cache.get(doc_id)
         status, reason = "miss", None
         evicted = 0
+        stale = (session is not None and not revision.is_snapshot
+                 and session.text != previous_text)
+        if stale:
+            # The cached session is not of the stored text: it ran ahead of it (an event left
+            # for a rebalance's seek after it was classified, pipeline.app) or behind. Set it
+            # aside: the chunk records bring back the stored one, as after a restart.
+            self.cache.discard(doc_id)
+            session = None
         if (session is None and self.records is not None and previous_text is not None
                 and not revision.is_snapshot):
             # Not in memory (a restart, a rebalance, an eviction): the chunk records bring
@@ -446,8 +457,8 @@ class DocumentClassifier:
                 session = self._restored(doc_id, previous_text)
         if session is not None and revision.is_snapshot:
             session = None
-        elif session is not None and session.text != previous_text:
-            status, reason, session = "rebuild", "stale", None
+        elif stale and session is None:
+            status, reason = "rebuild", "stale"
         # Out of the cache while it works: its bytes are measured again when it is put back.
         self.cache.discard(doc_id)
         tokens = (len(session.tokens.ids) + token_count_delta(

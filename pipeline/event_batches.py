@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -43,6 +44,40 @@ def document_steps(events: Sequence[E], document: Callable[[E], Hashable]) -> li
             steps.append([])
         steps[k].append(event)
     return steps
+
+
+class Redeliveries:
+    """Which events this process is handed again, at an offset it has handled before (around
+    a restart's or rebalance's seek Faust can hand an event over twice): counted apart, so
+    the metrics say how many distinct events were consumed.
+
+    Judged when a batch is taken, in arrival order, against the offsets of earlier batches:
+    the steps of a batch handle a partition's events by document, not in offset order, so a
+    high-water mark moved event by event would call a later step's earlier offset seen. The
+    events of a batch left unhandled at a rebalance (`left`) are not seen when they come
+    again."""
+
+    def __init__(self) -> None:
+        self._up_to: dict[Any, int] = {}  # per partition: the highest offset taken
+        self._left: dict[Any, set[int]] = defaultdict(set)  # taken, below it, not handled
+
+    def judge(self, events: Sequence[faust.EventT]) -> list[bool]:
+        """Per event of a newly taken batch: whether it was handled before."""
+        again = []
+        for event in events:
+            tp, offset = event.message.tp, event.message.offset
+            if offset in self._left[tp]:
+                self._left[tp].discard(offset)
+                again.append(False)
+            else:
+                again.append(offset <= self._up_to.get(tp, -1))
+            self._up_to[tp] = max(offset, self._up_to.get(tp, -1))
+        return again
+
+    def left(self, events: Sequence[faust.EventT]) -> None:
+        """Events of the batch that were not handled (they come again after the seek)."""
+        for event in events:
+            self._left[event.message.tp].add(event.message.offset)
 
 
 def rebalanced_since(app: faust.App, event: faust.EventT) -> bool:

@@ -36,6 +36,9 @@ OTHER_VARIABLES = frozenset({
 })
 
 
+BATCH_EVENTS = 16  # the agent's batch where batching cannot change an answer (batch_events)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
@@ -75,6 +78,14 @@ class Settings(BaseSettings):
     # (0 = never exit).
     broker_probe_interval_s: float = 5.0
     broker_lost_exit_s: float = 60.0
+    # Largest batch of records the worker's producer sends to one partition, in bytes; the
+    # first record of a batch always fits, so 1 sends every record in a batch of its own.
+    # tansu 0.6.0 (the embedded broker) reports a partition's high-water mark as its last
+    # batch's base offset + 1: when that batch holds several records (two events' table
+    # writes sent together, as a batched step does), a changelog looks shorter than the
+    # offsets the worker persisted, and Faust's recovery at the next rebalance stops the
+    # worker (ConsistencyError). On a real Kafka cluster raise it (Kafka's default: 16384).
+    producer_max_batch_bytes: int = 1
     # Faust commits consumer offsets this often (seconds); at-least-once either way.
     commit_interval_s: float = 1.0
     # How long the group waits for a silent (crashed) member before handing its partitions
@@ -110,9 +121,12 @@ class Settings(BaseSettings):
     # The agent takes what is pending, up to batch_max_events events, waiting at most
     # batch_wait_s for more once it has one, and updates the documents among them in one
     # batched engine step (pipeline/event_batches.py; a document's own events still go one
-    # after the other). 1: one event at a time, the default until batched fast-mode answers
-    # are shown independent of which documents shared a step (README, Configuration).
-    batch_max_events: int = 1
+    # after the other). Unset: BATCH_EVENTS where a batched step answers every document as it
+    # would alone (the incremental classifier in exact mode, or in fast mode on the float16
+    # kernels: engine/incremental/fast_chunk.py, _shared_calls), else 1, one event at a time
+    # (elsewhere a batched step's float rounding can flip a fast-mode code near its margin, so
+    # an answer could depend on which documents shared its step).
+    batch_max_events: int | None = None
     batch_wait_s: float = 0.005
     # torch CPU threads for inference (one inference thread per worker process).
     torch_threads: int = 1
@@ -147,6 +161,13 @@ class Settings(BaseSettings):
                             refresh_displacement=self.fast_refresh_displacement,
                             refresh_margin=self.fast_refresh_margin,
                             matmul=self.fast_matmul, kernel=self.fast_kernel)
+
+    def batch_events(self, classifier: object | None) -> int:
+        """Events the agent takes at once: batch_max_events, else BATCH_EVENTS where the
+        classifier's batched steps answer each document as alone, else 1."""
+        if self.batch_max_events is not None:
+            return self.batch_max_events
+        return BATCH_EVENTS if getattr(classifier, "batches_alone_exact", False) else 1
 
     @property
     def model_enabled(self) -> bool:

@@ -10,6 +10,7 @@ import pytest
 
 from incstream.pipeline.event_batches import (
     Gathering,
+    Redeliveries,
     act_for,
     answer_each,
     document_steps,
@@ -136,3 +137,25 @@ def test_an_event_fetched_before_a_rebalance_is_left_for_the_seek_after_it():
     assert rebalanced_since(app, event)  # type: ignore[arg-type]
     app.flow_control.active, app.consumer_generation_id = True, 4  # one happened
     assert rebalanced_since(app, event)  # type: ignore[arg-type]
+
+
+def test_redeliveries_are_judged_by_batch_not_by_the_order_steps_handle_them():
+    class Message:
+        def __init__(self, tp: str, offset: int) -> None:
+            self.tp, self.offset = tp, offset
+
+    class Event:
+        def __init__(self, tp: str, offset: int) -> None:
+            self.message = Message(tp, offset)
+
+    seen = Redeliveries()
+    # Doc A at offsets 5, 7, 8 and doc B at 6, 20 of one partition: the steps handle 5, 6,
+    # then 7, 20, then 8; nothing of this first batch was handled before.
+    first = [Event("p0", o) for o in (5, 6, 7, 8, 20)] + [Event("p1", 3)]
+    assert seen.judge(first) == [False] * 6
+    # A rebalance left 8 and 20 unhandled; after the seek they come with the uncommitted 6, 7.
+    seen.left([first[3], first[4]])
+    again = [Event("p0", o) for o in (6, 7, 8, 20, 21)] + [Event("p1", 3), Event("p1", 4)]
+    assert seen.judge(again) == [True, True, False, False, False, True, False]
+    # 8 and 20 were handled this time: a third delivery is seen again.
+    assert seen.judge([Event("p0", 8), Event("p0", 20)]) == [True, True]
