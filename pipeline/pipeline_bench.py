@@ -90,7 +90,17 @@ def _worker_counters(metrics_text: str) -> dict[str, float]:
         "session_cache_evictions": value("incstream_session_cache_evictions_total"),
         "session_cache_bytes_at_end": value("incstream_session_cache_bytes"),
         "label_changes": value("incstream_label_changes_total"),
+        # how the agent batched: events taken at once, documents per batched engine step
+        **_mean_of(value, "incstream_batch_events", "events_per_batch"),
+        **_mean_of(value, "incstream_inference_batch_size", "documents_per_inference_step"),
     }
+
+
+def _mean_of(value: Any, histogram: str, name: str) -> dict[str, float | None]:
+    """A histogram's observations and their mean, as {name}_count and {name}_mean."""
+    count = value(f"{histogram}_count", "", 0.0)
+    total = value(f"{histogram}_sum", "", 0.0)
+    return {f"{name}_count": count, f"{name}_mean": total / count if count else None}
 
 
 def _dead_letter_revision(record: dict[str, Any]) -> Revision | None:
