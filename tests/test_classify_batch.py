@@ -75,3 +75,34 @@ def test_one_request_per_document():
     revision = typed(0, 0)[0]
     with pytest.raises(ValueError):
         classifier.classify_batch([("a", None, [revision]), ("a", None, [revision])])
+
+
+def test_a_cached_session_ahead_of_the_stored_text_is_set_aside_for_its_records():
+    """An event left for a rebalance's seek after it was classified (pipeline.app) reached the
+    cached session but neither the stored text nor the chunk records. When it comes again the
+    classifier brings the stored session back from the records, as a restarted worker would,
+    and answers as the uninterrupted worker; not with the cached session (one edit ahead) nor a
+    fresh build (which answers differently in fast mode)."""
+    revisions = typed(7, 4)
+    reference = load(WorkerMetrics())  # uninterrupted, one revision at a time
+
+    def previous(k: int) -> str | None:
+        return revisions[k - 1].text if k else None
+
+    expected = [reference.classify("d", previous(k), [r])[0] for k, r in enumerate(revisions)]
+    metrics = WorkerMetrics()
+    worker = load(metrics)
+    assert worker.keep_records({})
+    for k in range(3):  # handled: answered, records and text stored
+        [answer] = worker.classify("d", previous(k), [revisions[k]])
+        worker.records.apply(answer.record_writes)
+    worker.classify("d", previous(3), [revisions[3]])  # classified, then left for the seek
+    [again] = worker.classify("d", previous(3), [revisions[3]])  # ... and handled again
+    # updated from the session the records brought back, not rebuilt as stale
+    assert again.cache == "hit"
+    page = generate_latest(metrics.registry).decode()
+    assert 'incstream_session_rebuilds_total{reason="stale"} 0.0' in page
+    assert again.label == expected[3].label
+    # A restored chunk recomputes its float state in one dense pass (its codes are the
+    # records'): within rounding of the uninterrupted answer.
+    assert max(abs(again.scores[c] - expected[3].scores[c]) for c in again.scores) < 2e-3

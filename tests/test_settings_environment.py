@@ -69,3 +69,21 @@ def test_every_incstream_variable_the_repo_names_is_known():
     assert used  # the scan finds the settings
     assert used - known_variables() == set()
     assert known_variables() >= OTHER_VARIABLES
+
+
+def test_the_agent_batches_by_default_only_where_a_batch_answers_as_one_at_a_time(monkeypatch):
+    from incstream.pipeline.settings import BATCH_EVENTS, Settings
+
+    monkeypatch.delenv(PREFIX + "BATCH_MAX_EVENTS", raising=False)
+
+    class Alike:
+        batches_alone_exact = True
+
+    class Unlike:
+        batches_alone_exact = False
+
+    settings = Settings()
+    assert settings.batch_max_events is None
+    assert settings.batch_events(Alike()) == BATCH_EVENTS > 1
+    assert settings.batch_events(Unlike()) == 1 and settings.batch_events(None) == 1
+    assert Settings(batch_max_events=3).batch_events(Unlike()) == 3
