@@ -336,12 +336,17 @@ def build_app(settings: Settings, metrics: WorkerMetrics | None = None,
                                              within=settings.batch_wait_s):
             metrics.batch_events.observe(len(batch))
             metrics.redelivered.inc(sum(redeliveries.judge(batch)))
-            steps = document_steps(batch, document=lambda event: event.key)
-            for k, step in enumerate(steps):
-                if rebalanced_since(app, step[0]):
-                    # the rest of the batch comes again after the rebalance's seek
-                    redeliveries.left([event for later in steps[k:] for event in later])
-                    break
+            for step in document_steps(batch, document=lambda event: event.key):
+                # Events fetched before a rebalance come again after its seek: left. Judged
+                # event by event: a batch may begin with one Faust held across the rebalance
+                # and go on with events fetched after the seek (which come in offset order
+                # from the committed offsets, so a document's order holds).
+                before = [event for event in step if rebalanced_since(app, event)]
+                if before:
+                    redeliveries.left(before)
+                    step = [event for event in step if event not in before]
+                    if not step:
+                        continue
                 progress.took_event()
                 classify = Gathering(len(step), classify_documents)
                 handled = await asyncio.gather(*(handle_event(stream, event, classify.seat())

@@ -189,11 +189,12 @@ def test_the_three_modes_answer_the_same_stream(tmp_path: Path) -> None:
         assert m["macs"] > 0 and m["macs_per_edit"] == pytest.approx(m["macs"] / len(events))
         assert m["state_bytes_per_doc"]["durable"] > 0 and m["changelog_bytes_per_edit"] > 0
         assert m["run"]["answered"] == len(events)
-        # how the agent batched, from the worker's histograms: every event was taken once
-        # (the probe's too), and each inference step classified at least one document
+        # how the agent batched, from the worker's histograms: every event was taken (the
+        # probe's too; more than once only if handed over again), and each inference step
+        # classified at least one document
         counters = m["run"]["worker_counters"]
         taken = counters["events_per_batch_count"] * counters["events_per_batch_mean"]
-        assert taken == pytest.approx(len(events) + 1), mode
+        assert taken >= len(events) + 1 - 1e-9, mode
         assert counters["documents_per_inference_step_mean"] >= 1, mode
     incremental, chunk, dense = (r["modes"][m] for m in ("incremental", "chunk", "dense"))
     # Every revision re-runs the whole document in dense mode; the chunk cache only at the

@@ -44,6 +44,7 @@ from incstream.engine.model.half_linear import (
     KERNEL_ROWS,
     HalfWeight,
     project_half,
+    rows_alone,
     run_feed_forward_rows,
 )
 from incstream.engine.model.macs import MacCounter
@@ -624,10 +625,12 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
 def rows_alone_exact(fw: FastWeights, layer: int, fused: bool) -> bool:
     """Whether this layer's few-row products give each row the result it would get in any
     other company: the float16 kernels (engine.model.half_linear) sum each row alone, in a
-    fixed order. oneDNN's float32 or bfloat16 products, int8 and CUDA promise no such thing."""
+    fixed order, where built with intrinsics (half_linear.rows_alone). oneDNN's float32 or
+    bfloat16 products, int8 and CUDA promise no such thing."""
     w = fw.wqkv[layer][0]
     return (fused and isinstance(w, HalfWeight) and w.panels is not None
-            and bool(fw.feed_forward_kernels) and fw.feed_forward_kernels[layer] is not None)
+            and bool(fw.feed_forward_kernels) and fw.feed_forward_kernels[layer] is not None
+            and rows_alone())
 
 
 def _shared_calls(sizes: list[int], alone_exact: bool) -> list[tuple[list[int], bool]]:

@@ -85,6 +85,19 @@ INLINE void panel(const int rows, int64_t K, const float *x, const half *wp, con
 }
 #endif
 
+/* 1 where a row's sums are written out with intrinsics, one accumulator per output and row, in
+ * the order of k whatever the row group: a row's result then does not depend on the rows
+ * sharing its call (engine.incremental.fast_chunk batches documents on that). The plain-C loop
+ * is left to the compiler's vectorizer, allowed to reassociate (c_kernels.FLAGS), which may
+ * treat each row count's copy differently: 0. */
+int half_linear_rows_alone(void) {
+#if defined(__AVX512F__) || (defined(__F16C__) && defined(__FMA__))
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* one copy of `panel` per row count, so that the accumulators stay in registers */
 #define CASE(R) case R: panel(R, K, xr, wp, bp, yr, N); break;
 

@@ -56,6 +56,8 @@ def declare(lib: ctypes.CDLL) -> None:
     half_linear.c) -> int."""
     lib.half_linear.restype = None
     lib.half_linear.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+    lib.half_linear_rows_alone.restype = ctypes.c_int
+    lib.half_linear_rows_alone.argtypes = []
     lib.feed_forward_rows.restype = ctypes.c_int
     lib.feed_forward_rows.argtypes = ([ctypes.c_int64] * 5 + [ctypes.c_void_p] * 12
                                       + [ctypes.c_float, ctypes.c_void_p])
@@ -73,6 +75,13 @@ def _kernel_rows(rows: int, any_rows: bool) -> bool:
     accumulated alone in a fixed order, so a row's result does not depend on how many rows
     share the call: several small products may share one whatever their total (`any_rows`)."""
     return rows > 0 and (any_rows or rows <= KERNEL_ROWS)
+
+
+def rows_alone() -> bool:
+    """Whether the kernel built here gives a row the same result whatever rows share its call
+    (its intrinsic paths do; the plain-C fallback makes no such promise: half_linear.c)."""
+    lib = _load()
+    return lib is not None and bool(lib.half_linear_rows_alone())
 
 
 def half_available() -> bool:

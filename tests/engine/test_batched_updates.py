@@ -95,10 +95,13 @@ def test_a_document_answers_the_same_in_any_company(model, tokenizer, monkeypatc
         for i, ops in edits:
             alone[i].apply_ops(ops)
         reports = apply_ops_batched([(together[i], ops) for i, ops in edits])
-        rows = [max(u.rows_changed, default=0) for rep in reports for u in rep.chunk_updates
-                if hasattr(u, "rows_changed")]
-        big_steps += max(rows, default=0) > 8
-        shared_steps += sum(rows) > 8
+        # per layer, the rows each splice brought (rebuilt chunks took no shared call)
+        splices = [u.rows_changed for rep in reports for u in rep.chunk_updates
+                   if not u.rebuilt]
+        layers = max((len(rows) for rows in splices), default=0)
+        per_layer = [[rows[k] for rows in splices if k < len(rows)] for k in range(layers)]
+        big_steps += any(n > 8 for counts in per_layer for n in counts)
+        shared_steps += any(sum(n for n in counts if n <= 8) > 8 for counts in per_layer)
         # a different company each round: pairs that change with the round
         order = edits[r % len(edits):] + edits[: r % len(edits)]
         for pair in (order[:2], order[2:]):

@@ -136,9 +136,11 @@ def test_fast_documents_moved_to_another_worker_answer_like_an_uninterrupted_one
     assert metric(page, "incstream_session_cache_misses_total") == 0
     assert metric(page, "incstream_session_cache_hits_total") > 0
     # It took the backlog in batches (the default where a batched step answers each document
-    # as it would alone), so these answers held with documents sharing steps.
-    assert (metric(page, "incstream_inference_batch_size_sum")
-            > metric(page, "incstream_inference_batch_size_count")), "no step held two documents"
+    # as it would alone: float16 kernels, what "auto" resolves to on a CPU without native
+    # bfloat16), so these answers held with documents sharing steps.
+    if mode.matmul == "float16":
+        assert (metric(page, "incstream_inference_batch_size_sum")
+                > metric(page, "incstream_inference_batch_size_count")), "no step held two docs"
     worst = 0.0
     for record in reader.of(s.classes_topic):
         want = expected[(record["doc_id"], record["rev"])]
