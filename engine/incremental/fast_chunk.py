@@ -40,13 +40,7 @@ import torch
 from incstream.engine.incremental import held_attention
 from incstream.engine.incremental.chunk_record import ChunkRecord
 from incstream.engine.incremental.fast_mode import MAX_POSITIONS, FastModeConfig, FastWeights
-from incstream.engine.model.half_linear import (
-    KERNEL_ROWS,
-    HalfWeight,
-    project_half,
-    rows_alone,
-    run_feed_forward_rows,
-)
+from incstream.engine.model.half_linear import KERNEL_ROWS, run_feed_forward_rows
 from incstream.engine.model.macs import MacCounter
 from incstream.engine.model.minilm import embed, feed_forward_block
 from incstream.engine.model.packed_linear import project
@@ -269,12 +263,11 @@ def _move_norm(fw: FastWeights, layer: int, w: torch.Tensor, w_sum: torch.Tensor
 def _qkv(fw: FastWeights, layer: int, x: torch.Tensor, macs: MacCounter,
          any_rows: bool = False) -> torch.Tensor:
     """Q, K, V of rows x (m, C) with one fused matmul, as (m, 3, H, d) float32 (`any_rows`:
-    through the float16 kernel however many rows, engine.model.half_linear.project_half)."""
+    float16 weights take the kernel however many rows: packed_linear.project)."""
     cfg = fw.w.config
     w, b = fw.wqkv[layer]
     macs.add("linear", x.shape[0] * w.shape[0] * w.shape[1])
-    y = project_half(x, w, b, any_rows) if isinstance(w, HalfWeight) else project(x, w, b)
-    return y.to(F32).view(-1, 3, cfg.heads, cfg.head_dim)
+    return project(x, w, b, any_rows).to(F32).view(-1, 3, cfg.heads, cfg.head_dim)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -622,15 +615,11 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def rows_alone_exact(fw: FastWeights, layer: int, fused: bool) -> bool:
-    """Whether this layer's few-row products give each row the result it would get in any
-    other company: the float16 kernels (engine.model.half_linear) sum each row alone, in a
-    fixed order, where built with intrinsics (half_linear.rows_alone). oneDNN's float32 or
+def rows_alone_exact(fw: FastWeights, fused: bool) -> bool:
+    """Whether the few-row products give each row the result it would get in any other
+    company: the float16 kernels, run `fused` (FastWeights.rows_alone). oneDNN's float32 or
     bfloat16 products, int8 and CUDA promise no such thing."""
-    w = fw.wqkv[layer][0]
-    return (fused and isinstance(w, HalfWeight) and w.panels is not None
-            and bool(fw.feed_forward_kernels) and fw.feed_forward_kernels[layer] is not None
-            and rows_alone())
+    return fused and fw.rows_alone
 
 
 def _shared_calls(sizes: list[int], alone_exact: bool) -> list[tuple[list[int], bool]]:
@@ -673,7 +662,7 @@ def update_fast_chunks(fw: FastWeights, splices: Sequence[FastSplice]) -> None:
         if not active:
             continue
         fused = active[0].fused
-        alone_exact = rows_alone_exact(fw, layer, fused)
+        alone_exact = rows_alone_exact(fw, fused)
         scratch = MacCounter()
         sizes = [sp.x_s.shape[0] for sp in active]
         qkv = _shared_products(partial(_qkv, fw, layer, macs=scratch),

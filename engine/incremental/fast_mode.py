@@ -55,6 +55,7 @@ from incstream.engine.model.half_linear import (
     half_available,
     half_weight,
     prepare_feed_forward_rows,
+    rows_alone,
 )
 from incstream.engine.model.int8_linear import Int8Weight, int8_available, quantize
 from incstream.engine.model.minilm import (
@@ -202,6 +203,10 @@ class FastWeights:
     # per layer, for matmul "float16": the compiled rest of a block's constants
     # (engine.model.half_linear.FeedForwardRows; None where its kernel does not apply)
     feed_forward_kernels: list = field(default_factory=list)
+    # Whether every few-row product (Q/K/V and the rest of each block) goes through the float16
+    # kernels built with intrinsics, which sum each row alone in a fixed order: then a row's
+    # result does not depend on the rows sharing its call (fast_chunk._shared_calls)
+    rows_alone: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -226,7 +231,10 @@ def _with_matmul(fw: FastWeights, matmul: str) -> FastWeights:
         heads, eps = fw.codebooks.codes.shape[1], fw.w.config.layer_norm_eps
         kernels = [prepare_feed_forward_rows(tables, lw, heads, eps)
                    for tables, lw in zip(fw.tables_flat, layers, strict=True)]
-        return replace(fw, layers=layers, wqkv=wqkv, feed_forward_kernels=kernels)
+        alone = (rows_alone() and all(k is not None for k in kernels)
+                 and all(w.panels is not None for w, _ in wqkv))
+        return replace(fw, layers=layers, wqkv=wqkv, feed_forward_kernels=kernels,
+                       rows_alone=alone)
     if matmul == "int8":  # (engine.model.int8_linear: each matrix with its bias)
         if fw.w.device.type != "cpu" or not int8_available():
             raise ValueError("matmul int8 runs on the CPU with fbgemm only; use float32 or "

@@ -292,9 +292,8 @@ class FastChunks:
         # Whether a batched step gives each chunk the numbers it would get alone, whoever
         # shares the step (the float16 kernels; fast_chunk._shared_calls): then batching
         # documents cannot change an answer.
-        fused = use_fused_kernel(config, self.fw.w.device, self.fw.w.config.head_dim)
-        self.batches_alone_exact = all(rows_alone_exact(self.fw, layer, fused)
-                                       for layer in range(len(self.fw.layers)))
+        self.batches_alone_exact = rows_alone_exact(
+            self.fw, use_fused_kernel(config, self.fw.w.device, self.fw.w.config.head_dim))
 
     def build(self, ids: torch.Tensor, macs: MacCounter) -> FastChunk:
         return build_fast_chunk(self.fw, self.config, ids, macs)

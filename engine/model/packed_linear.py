@@ -73,14 +73,15 @@ def pack(w: torch.Tensor, rows: int = TYPICAL_ROWS) -> torch.Tensor | PackedWeig
 
 
 def project(x: torch.Tensor, w: torch.Tensor | PackedWeight | Int8Weight | HalfWeight,
-            b: torch.Tensor | None) -> torch.Tensor:
+            b: torch.Tensor | None, any_rows: bool = False) -> torch.Tensor:
     """x (n, in) @ w.T + b in w's dtype (x is cast to it; the result stays in w's dtype).
     An Int8Weight (engine.model.int8_linear) carries its own bias and returns float32; a
-    HalfWeight (engine.model.half_linear) returns float32."""
+    HalfWeight (engine.model.half_linear) returns float32, through its kernel for a few rows
+    or, with `any_rows`, any number (half_linear.project_half)."""
     if isinstance(w, Int8Weight):
         return project_int8(x, w)
     if isinstance(w, HalfWeight):
-        return project_half(x, w, b)
+        return project_half(x, w, b, any_rows)
     if isinstance(w, PackedWeight):
         if x.shape[0] == 0:  # (oneDNN wants at least one row)
             return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=w.dtype)
